@@ -1,0 +1,286 @@
+"""``meshnet-lesion``: segment scans and manage models from the command line.
+
+    meshnet-lesion segment T2.nii.gz -o lesion.nii.gz --report report.json
+    meshnet-lesion segment sub-*.nii.gz -o results/          # batch: the model is loaded once
+    meshnet-lesion models list | show ID | fetch ID | import FOLDER | remove ID | clear-cache
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import Cancelled, InputError, MeshNetLesionError
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 1, 2, 130
+_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mgz", ".mgh", ".img", ".hdr")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        _error("cancelled")
+        return EXIT_CANCELLED
+    except Cancelled as error:
+        _error(str(error))
+        return EXIT_CANCELLED
+    except MeshNetLesionError as error:
+        _error(str(error))
+        return EXIT_BAD_INPUT
+
+
+def _error(message: str) -> None:
+    print(f"meshnet-lesion: error: {message}", file=sys.stderr)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshnet-lesion", description=__doc__.split("\n")[0].strip("`: "))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    seg = commands.add_parser("segment", help="segment one or more scans")
+    seg.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="NIfTI, NRRD or MGH scan(s)")
+    seg.add_argument("-o", "--output", required=True, type=Path,
+                     help="label map file (one input) or an existing folder (several inputs)")
+    seg.add_argument("--model", default=None, help="registry id (default: the registry's default lesion model)")
+    seg.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    seg.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                     help="auto = fp16 on CUDA, fp32 elsewhere")
+    mask = seg.add_mutually_exclusive_group()
+    mask.add_argument("--no-brain-mask", dest="brain_mask", action="store_false", default=None,
+                      help="do not restrict lesions to the brain (on by default for lesion models)")
+    mask.add_argument("--brain-mask", dest="brain_mask", action="store_true", help="restrict labels to the brain")
+    seg.add_argument("--min-lesion-ml", type=float, default=0.0, help="drop lesion components smaller than this")
+    seg.add_argument("--probabilities", type=Path, help="also write the probability map (file, or folder in batch)")
+    seg.add_argument("--report", type=Path, help="write a JSON report (file, or folder in batch)")
+    seg.add_argument("--preview", type=Path, help="write a PNG with the labels outlined (file, or folder in batch)")
+    seg.add_argument("--no-crop", action="store_true", help="run on the whole 256³ grid instead of the head box")
+    seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    seg.set_defaults(handler=_segment)
+
+    models = commands.add_parser("models", help="list, fetch, import or remove models")
+    actions = models.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="models and sample scans, and whether they are on this machine")
+    listing.add_argument("--json", action="store_true", help="print the registry entries as JSON")
+    listing.set_defaults(handler=_models_list)
+    show = actions.add_parser("show", help="print a model card")
+    show.add_argument("id")
+    show.set_defaults(handler=_models_show)
+    fetch = actions.add_parser("fetch", help="make sure an entry's files are on this machine; print their paths")
+    fetch.add_argument("ids", nargs="+", metavar="ID")
+    fetch.set_defaults(handler=_models_fetch)
+    importer = actions.add_parser("import", help="import a local model folder (brainchop, TensorFlow.js or ours)")
+    importer.add_argument("folder", type=Path)
+    importer.add_argument("--id", dest="entry_id")
+    importer.add_argument("--title")
+    importer.add_argument("--task", default="lesion")
+    importer.set_defaults(handler=_models_import)
+    remove = actions.add_parser("remove", help="remove an imported model or a model's downloaded files")
+    remove.add_argument("id")
+    remove.set_defaults(handler=_models_remove)
+    clear = actions.add_parser("clear-cache", help="delete all downloaded files (imported models stay)")
+    clear.set_defaults(handler=_models_clear)
+    return parser
+
+
+# ----------------------------------------------------------------------------- segment
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in _SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _plan(args: argparse.Namespace) -> list[dict[str, Path | None]]:
+    """Where each input's outputs go; checked before any computation so bad paths fail fast."""
+    batch = len(args.inputs) > 1
+    for flag in ("output", "probabilities", "report", "preview"):
+        target = getattr(args, flag)
+        if target is None:
+            continue
+        if batch and not target.is_dir():
+            raise InputError(f"with several inputs, --{flag} must be an existing folder: {target}")
+        if not batch and not target.parent.is_dir():
+            raise InputError(f"folder does not exist: {target.parent}")
+    if not batch and not re.search(r"\.(nii|nii\.gz|nrrd)$", args.output.name.lower()):
+        raise InputError(f"output must end in .nii.gz, .nii or .nrrd: {args.output.name}")
+    stems = [_stem(p) for p in args.inputs]
+    if batch and len(set(stems)) != len(stems):
+        raise InputError("several inputs have the same file name; their outputs would collide")
+    plans = []
+    for path, stem in zip(args.inputs, stems):
+        def place(flag: str, suffix: str) -> Path | None:
+            target = getattr(args, flag)
+            if target is None:
+                return None
+            return target / f"{stem}{suffix}" if batch else target
+        plans.append({"input": path, "output": place("output", "_seg.nii.gz"),
+                      "probabilities": place("probabilities", "_prob.nii.gz"),
+                      "report": place("report", "_report.json"), "preview": place("preview", "_preview.png")})
+    return plans
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from .pipeline import CROP_MARGIN, Segmenter
+    from .volume import load_volume
+
+    plans = _plan(args)
+    show_bar = not args.quiet and sys.stderr.isatty()
+    segmenter = Segmenter(args.model, device=args.device, precision=args.precision, brain_mask=args.brain_mask,
+                          min_lesion_ml=args.min_lesion_ml, crop_margin=None if args.no_crop else CROP_MARGIN,
+                          download_progress=_download_printer() if show_bar else None)
+    failures = 0
+    for plan in plans:
+        try:
+            volume = load_volume(plan["input"])
+            with _ProgressBar(plan["input"].name, enabled=show_bar) as bar:
+                result = segmenter.segment(volume, probabilities=plan["probabilities"] is not None, progress=bar)
+            _write_outputs(plan, volume, result, segmenter)
+        except Cancelled:
+            raise
+        except MeshNetLesionError as error:
+            failures += 1
+            _error(f"{plan['input']}: {error}")
+            continue
+        summary = (f"{result.lesion_volume_ml:.2f} mL in {result.lesion_components} component(s)"
+                   if result.is_lesion_model else f"{len(result.classes) - 1} classes")
+        if not args.quiet:
+            print(f"{plan['input']}: {summary} -> {plan['output']} ({result.timings_s['total']:.1f} s, "
+                  f"{result.device})")
+    return EXIT_BAD_INPUT if failures else 0
+
+
+def _write_outputs(plan, volume, result, segmenter) -> None:
+    """Write every output of one input; if one write fails, remove the others written for it."""
+    from .volume import save_volume
+
+    written: list[Path] = []
+    try:
+        written.append(save_volume(plan["output"], result.labels, result.affine, label=True))
+        if plan["probabilities"] is not None:
+            probs = result.probabilities
+            if probs.ndim == 4:  # (classes, i, j, k) -> (i, j, k, classes) for NIfTI
+                probs = probs.transpose(1, 2, 3, 0)
+            written.append(save_volume(plan["probabilities"], probs.astype("float32"), result.affine))
+        if plan["preview"] is not None:
+            from .preview import write_preview
+
+            title = (f"{segmenter.entry.id}: {result.lesion_volume_ml:.1f} mL" if result.is_lesion_model
+                     else segmenter.entry.id)
+            written.append(write_preview(plan["preview"], volume.array, result.labels, result.affine, title))
+        if plan["report"] is not None:
+            report = result.report(input=str(plan["input"]), output=str(plan["output"]),
+                                   model_title=segmenter.entry.title, model_load_s=round(segmenter.load_seconds, 3))
+            written.append(_write_json(plan["report"], report))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, data) -> Path:
+    tmp = path.with_name(f".partial-{path.name}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+class _ProgressBar:
+    def __init__(self, name: str, enabled: bool) -> None:
+        self.name, self.enabled, self.bar = name, enabled, None
+
+    def __enter__(self) -> "_ProgressBar":
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=1000, desc=self.name, unit="", bar_format="{desc}: {percentage:3.0f}%|{bar}| "
+                            "{elapsed}<{remaining} {postfix}", file=sys.stderr, leave=False)
+        return self
+
+    def __call__(self, fraction: float, stage: str) -> None:
+        if self.bar is not None:
+            self.bar.update(int(fraction * 1000) - self.bar.n)
+            self.bar.set_postfix_str(stage, refresh=False)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _download_printer():
+    def report(done: int, total: int, name: str) -> None:
+        if total and done >= total:
+            print(f"downloaded {name} ({total / 1e6:.1f} MB)", file=sys.stderr)
+    return report
+
+
+# ----------------------------------------------------------------------------- models
+
+def _registry():
+    from .registry import Registry
+
+    return Registry()
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from .registry import entries_json
+
+    registry = _registry()
+    entries = registry.entries()
+    if args.json:
+        print(json.dumps(entries_json(entries), indent=1))
+        return 0
+    default = registry.default_model().id
+    for entry in entries:
+        state = "here" if registry.is_available(entry.id) else f"download {entry.download_size / 1e6:.1f} MB"
+        mark = "*" if entry.id == default else " "
+        print(f"{mark} {entry.id:<26} {entry.kind:<6} {entry.origin:<8} {state:<18} {entry.title}")
+    return 0
+
+
+def _models_show(args: argparse.Namespace) -> int:
+    from .registry import entries_json
+
+    print(json.dumps(entries_json([_registry().get(args.id)])[0], indent=1))
+    return 0
+
+
+def _models_fetch(args: argparse.Namespace) -> int:
+    registry = _registry()
+    for entry_id in args.ids:
+        for name, path in registry.fetch(entry_id).items():
+            print(path)
+    return 0
+
+
+def _models_import(args: argparse.Namespace) -> int:
+    entry = _registry().import_folder(args.folder, args.entry_id, args.title, args.task)
+    print(f"imported {entry.id}: {entry.card.get('description', '')}")
+    return 0
+
+
+def _models_remove(args: argparse.Namespace) -> int:
+    _registry().remove(args.id)
+    print(f"removed {args.id}")
+    return 0
+
+
+def _models_clear(args: argparse.Namespace) -> int:
+    registry = _registry()
+    registry.clear_cache()
+    print(f"cleared {registry.cache_dir / 'files'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Conform any scalar volume to 256³, 1 mm, LIA, uint8 — as ``niimath -conform`` does — and back.
+
+``niimath -conform`` (the step brainchop and the ARC-trained T2lesion model were fed by) does:
+
+1. intensities: a 1000-bin histogram from the minimum (negative values ignored when under 2 %
+   of voxels) to the value under which 98 % of the non-zero voxels fall; map that range to
+   0..255 and clip — in float32;
+2. geometry: a 256³ 1 mm grid with FreeSurfer's LIA axes (i → left, j → inferior, k → anterior)
+   whose centre voxel (128, 128, 128) lands on the world position of the source voxel
+   (nx/2, ny/2, nz/2);
+3. trilinear resampling in float32; an output voxel whose 2×2×2 source neighbourhood is not
+   wholly inside the source keeps the fill value (the scaled minimum, normally 0);
+4. rounding to uint8 (half away from zero).
+
+This module re-implements those steps in numpy with the same float32 arithmetic order, so the
+result can be compared voxel for voxel with the binary from the ``niimath`` PyPI package.
+The inverse (:func:`to_source`) resamples conformed labels or probabilities onto the source grid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .volume import Volume, validate
+
+SHAPE = (256, 256, 256)
+# FreeSurfer "LIA": the rows of the direction matrix are R, A, S; the columns are i, j, k.
+LIA_DIRECTIONS = np.array([[-1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
+F_HIGH = np.float32(0.98)
+HISTOGRAM_BINS = 1000
+_SLAB = 16  # output slices resampled at a time (bounds the temporary arrays to a few MB)
+
+
+@dataclass(frozen=True)
+class Conformed:
+    """A conformed image and the geometry that links it to its source.
+
+    ``array`` is (i, j, k), 256³ uint8; ``affine`` maps its voxels to RAS; ``source_to_conformed``
+    maps a source voxel index to a (fractional) conformed voxel index.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    source_shape: tuple[int, int, int]
+    source_affine: np.ndarray
+
+    @property
+    def source_to_conformed(self) -> np.ndarray:
+        return np.linalg.inv(self.affine) @ self.source_affine
+
+
+def conform(volume: Volume) -> Conformed:
+    """Return ``volume`` conformed to 256³ 1 mm LIA uint8. The input is never modified."""
+    validate(volume)
+    scaled = scale_intensities(volume.array)
+    out_affine = conformed_affine(volume.shape, volume.affine)
+    array = _reslice_linear(scaled, volume.affine, out_affine)
+    return Conformed(array, out_affine.astype(np.float64), tuple(volume.shape), volume.affine.copy())
+
+
+def scale_intensities(array: np.ndarray) -> np.ndarray:
+    """niimath's robust 0..255 scaling (``f_high`` = 0.98) in float32; returns a new array."""
+    img = np.array(array, dtype=np.float32, copy=True)
+    flat = img.reshape(-1)
+    voxels = flat.size
+    src_min = np.float32(flat.min())
+    src_max = np.float32(flat.max())
+    nonzero = int(np.count_nonzero(np.abs(flat) >= 1e-15))
+    if src_min < 0 and 100.0 * np.count_nonzero(flat < 0) / voxels < 2.0:
+        src_min = np.float32(0.0)
+    bin_size = np.float32((src_max - src_min) / np.float32(HISTOGRAM_BINS))
+    if bin_size > 0:
+        bins = np.trunc((flat - src_min) / bin_size)
+        bins = np.clip(bins, 0, HISTOGRAM_BINS - 1).astype(np.int64)
+        cumulative = np.cumsum(np.bincount(bins, minlength=HISTOGRAM_BINS))
+        nth = voxels - int((1.0 - float(F_HIGH)) * nonzero)
+        reached = np.nonzero(cumulative[1:] >= nth)[0]
+        idx = int(reached[0]) if reached.size else HISTOGRAM_BINS - 1
+        src_max = np.float32(np.float32(idx) * bin_size + src_min)
+    scale = np.float32(255.0) / (src_max - src_min) if src_max != src_min else np.float32(1.0)
+    np.subtract(img, src_min, out=img)
+    np.multiply(img, scale, out=img)
+    np.clip(img, 0.0, 255.0, out=img)
+    return img
+
+
+def conformed_affine(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """The voxel-to-RAS matrix of the conformed grid (float32 arithmetic, as niimath)."""
+    a = np.asarray(affine, dtype=np.float32)
+    half = np.array([shape[0] / 2.0, shape[1] / 2.0, shape[2] / 2.0, 1.0], dtype=np.float32)
+    centre = np.zeros(4, dtype=np.float32)
+    for j in range(4):  # accumulate left to right, as the C loop does
+        centre = centre + a[:, j] * half[j]
+    out = np.eye(4, dtype=np.float32)
+    out[:3, :3] = LIA_DIRECTIONS
+    out[:3, 3] = centre[:3] - LIA_DIRECTIONS @ np.array([128.0, 128.0, 128.0], dtype=np.float32)
+    return out
+
+
+def _reslice_linear(img: np.ndarray, src_affine: np.ndarray, out_affine: np.ndarray) -> np.ndarray:
+    a32 = np.asarray(src_affine, dtype=np.float32)
+    inv_out = _mat44_inverse(out_affine)
+    vox2vox = np.zeros((4, 4), dtype=np.float32)
+    for k in range(4):  # nifti_mat44_mul sums the four products left to right in float
+        vox2vox = vox2vox + inv_out[:, k:k + 1] * a32[k:k + 1, :]
+    m = _mat44_inverse(vox2vox)  # conformed voxel -> source voxel
+
+    dim_x, dim_y, dim_z = img.shape
+    source = np.asfortranarray(img).reshape(-1, order="F")  # x fastest, as in the file
+    fill = np.float32(source.min())
+    out = np.empty(SHAPE[::-1], dtype=np.uint8)  # (z, y, x): x fastest in memory
+    x = np.arange(SHAPE[0], dtype=np.float32)
+    y = np.arange(SHAPE[1], dtype=np.float32)[:, None]
+    one = np.float32(1.0)
+    for z0 in range(0, SHAPE[2], _SLAB):
+        z = np.arange(z0, min(z0 + _SLAB, SHAPE[2]), dtype=np.float32)[:, None, None]
+        coords = []
+        for row in range(3):
+            yz = (y * m[row, 1] + z * m[row, 2]) + m[row, 3]
+            coords.append(x * m[row, 0] + yz)
+        ix, iy, iz = coords
+        fx, fy, fz = np.floor(ix), np.floor(iy), np.floor(iz)
+        inside = ((fx >= 0) & (fy >= 0) & (fz >= 0)
+                  & (fx + 1 < dim_x) & (fy + 1 < dim_y) & (fz + 1 < dim_z))
+        dx, dy, dz = ix - fx, iy - fy, iz - fz
+        wx0, wy0, wz0 = one - dx, one - dy, one - dz
+        base = (np.where(inside, fx, 0).astype(np.int64)
+                + np.where(inside, fy, 0).astype(np.int64) * dim_x
+                + np.where(inside, fz, 0).astype(np.int64) * (dim_x * dim_y))
+        sx, sy, sz = 1, dim_x, dim_x * dim_y
+        value = source[base] * wx0 * wy0 * wz0
+        value += source[base + sz] * wx0 * wy0 * dz
+        value += source[base + sy] * wx0 * dy * wz0
+        value += source[base + sy + sz] * wx0 * dy * dz
+        value += source[base + sx] * dx * wy0 * wz0
+        value += source[base + sx + sz] * dx * wy0 * dz
+        value += source[base + sx + sy] * dx * dy * wz0
+        value += source[base + sx + sy + sz] * dx * dy * dz
+        value = np.where(inside, value, fill)
+        out[z0:z0 + value.shape[0]] = _round_to_uint8(value)
+    return out.transpose(2, 1, 0)  # (i, j, k) view
+
+
+def _mat44_inverse(matrix: np.ndarray) -> np.ndarray:
+    """Inverse of an affine 4x4 by cofactors in double, rounded to float32 (nifti_mat44_inverse)."""
+    r = np.asarray(matrix, dtype=np.float32).astype(np.float64)
+    (r11, r12, r13, v1), (r21, r22, r23, v2), (r31, r32, r33, v3) = r[0], r[1], r[2]
+    det = (r11 * r22 * r33 - r11 * r32 * r23 - r21 * r12 * r33
+           + r21 * r32 * r13 + r31 * r12 * r23 - r31 * r22 * r13)
+    d = 1.0 / det if det != 0 else 0.0
+    q = np.array([
+        [d * (r22 * r33 - r32 * r23), d * (-r12 * r33 + r32 * r13), d * (r12 * r23 - r22 * r13),
+         d * (-r12 * r23 * v3 + r12 * v2 * r33 + r22 * r13 * v3
+              - r22 * v1 * r33 - r32 * r13 * v2 + r32 * v1 * r23)],
+        [d * (-r21 * r33 + r31 * r23), d * (r11 * r33 - r31 * r13), d * (-r11 * r23 + r21 * r13),
+         d * (r11 * r23 * v3 - r11 * v2 * r33 - r21 * r13 * v3
+              + r21 * v1 * r33 + r31 * r13 * v2 - r31 * v1 * r23)],
+        [d * (r21 * r32 - r31 * r22), d * (-r11 * r32 + r31 * r12), d * (r11 * r22 - r21 * r12),
+         d * (-r11 * r22 * v3 + r11 * r32 * v2 + r21 * r12 * v3
+              - r21 * r32 * v1 - r31 * r12 * v2 + r31 * r22 * v1)],
+        [0.0, 0.0, 0.0, 1.0 if det != 0 else 0.0]])
+    return q.astype(np.float32)
+
+
+def _round_to_uint8(value: np.ndarray) -> np.ndarray:
+    v = value.astype(np.float64)
+    rounded = np.sign(v) * np.floor(np.abs(v) + 0.5)
+    return np.clip(rounded, 0, 255).astype(np.uint8)
+
+
+def to_source(conformed_values: np.ndarray, conformed: Conformed, *, order: int,
+              output: np.ndarray | None = None) -> np.ndarray:
+    """Resample a 256³ (i, j, k) array from the conformed grid onto the source grid.
+
+    ``order`` 0 (nearest) for labels, 1 (trilinear) for probabilities. Points outside the
+    conformed box get 0. The result has ``conformed.source_shape``.
+    """
+    from scipy import ndimage
+
+    matrix = conformed.source_to_conformed
+    return ndimage.affine_transform(
+        conformed_values, matrix[:3, :3], offset=matrix[:3, 3], output_shape=conformed.source_shape,
+        output=output if output is not None else conformed_values.dtype, order=order, mode="constant",
+        cval=0.0, prefilter=False)

@@ -1,0 +1,322 @@
+"""The model registry: model cards, files pinned by URL and SHA-256, cache, mirror, import, remove.
+
+A file is looked for, in order, in the user cache (and its hash checked), in the directory named
+by ``MESHNET_LESION_MIRROR`` (searched recursively for the file name with the right SHA-256; an
+offline site or CI points it at a copy of the files), and only then downloaded (by pooch: to a
+temporary file beside the destination, verified, then renamed, so a file in the cache is always
+whole and correct). Models a user imports from a folder live in the cache with their own card.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from .errors import IntegrityError, ModelError, UnknownModelError
+
+BUILTIN_REGISTRY = Path(__file__).with_name("models.json")
+MIRROR_ENV = "MESHNET_LESION_MIRROR"
+CACHE_ENV = "MESHNET_LESION_CACHE"
+SCHEMA_VERSION = 1
+_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+DownloadProgress = Callable[[int, int, str], None]  # (bytes done, bytes total, file name)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    name: str
+    sha256: str
+    url: str | None = None
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registry entry: a model (with its card) or a sample scan."""
+
+    id: str
+    title: str
+    kind: str                      # "model" or "sample"
+    files: tuple[FileEntry, ...]
+    card: Mapping[str, Any] = field(default_factory=dict)
+    origin: str = "builtin"        # "builtin" or "imported"
+
+    @property
+    def task(self) -> str:
+        return str(self.card.get("task", ""))
+
+    @property
+    def spec_overrides(self) -> Mapping[str, Any]:
+        return self.card.get("spec", {})
+
+    @property
+    def postprocess(self) -> Mapping[str, Any]:
+        return self.card.get("postprocess", {})
+
+    @property
+    def download_size(self) -> int:
+        return sum(f.size or 0 for f in self.files)
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    import pooch
+
+    return Path(pooch.os_cache("meshnet-lesion"))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Registry:
+    """Model and sample entries, and where their files are on this machine."""
+
+    def __init__(self, registry_path: Path | None = None, cache_dir: Path | None = None,
+                 mirror: Path | str | None = None) -> None:
+        self.registry_path = Path(registry_path or BUILTIN_REGISTRY)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        mirror = mirror if mirror is not None else os.environ.get(MIRROR_ENV)
+        self.mirror = Path(mirror).expanduser() if mirror else None
+        self._builtin = self._read_builtin()
+        self._mirror_index: dict[str, list[Path]] | None = None
+        self._hash_memo: dict[tuple[str, int, int], str] = {}
+
+    # ------------------------------------------------------------------ entries
+    def _read_builtin(self) -> dict[str, Entry]:
+        try:
+            data = json.loads(self.registry_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ModelError(f"cannot read the model registry {self.registry_path}: {error}") from error
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ModelError(f"registry schema {data.get('schema_version')} is not supported (expected {SCHEMA_VERSION})")
+        entries: dict[str, Entry] = {}
+        for kind, items in (("model", data.get("models", [])), ("sample", data.get("samples", []))):
+            for item in items:
+                entry = _entry_from_dict(item, kind, "builtin")
+                if entry.id in entries:
+                    raise ModelError(f"duplicate registry id {entry.id}")
+                entries[entry.id] = entry
+        return entries
+
+    def _imported(self) -> dict[str, Entry]:
+        entries = {}
+        root = self.cache_dir / "imported"
+        if root.is_dir():
+            for card in sorted(root.glob("*/entry.json")):
+                try:
+                    entry = _entry_from_dict(json.loads(card.read_text(encoding="utf-8")), "model", "imported")
+                except (OSError, json.JSONDecodeError, ModelError, KeyError):
+                    continue  # a damaged import is skipped, not fatal for the registry
+                entries[entry.id] = entry
+        return entries
+
+    def entries(self, kind: str | None = None) -> list[Entry]:
+        everything = {**self._builtin, **self._imported()}
+        return [e for e in everything.values() if kind is None or e.kind == kind]
+
+    def get(self, entry_id: str) -> Entry:
+        everything = {**self._builtin, **self._imported()}
+        if entry_id not in everything:
+            known = ", ".join(sorted(everything))
+            raise UnknownModelError(f"unknown model id '{entry_id}' (known: {known})")
+        return everything[entry_id]
+
+    def default_model(self) -> Entry:
+        for entry in self.entries("model"):
+            if entry.card.get("default"):
+                return entry
+        raise ModelError("the registry names no default model")
+
+    # ------------------------------------------------------------------ files
+    def _cached_path(self, entry: Entry, file: FileEntry) -> Path:
+        folder = "imported" if entry.origin == "imported" else "files"
+        return self.cache_dir / folder / entry.id / file.name
+
+    def _hash(self, path: Path) -> str:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._hash_memo:
+            self._hash_memo[key] = sha256_of(path)
+        return self._hash_memo[key]
+
+    def _from_mirror(self, file: FileEntry) -> Path | None:
+        if self.mirror is None or not self.mirror.is_dir():
+            return None
+        if self._mirror_index is None:
+            index: dict[str, list[Path]] = {}
+            for folder, _, names in os.walk(self.mirror, followlinks=True):
+                for name in names:
+                    index.setdefault(name, []).append(Path(folder) / name)
+            self._mirror_index = index
+        for candidate in self._mirror_index.get(file.name, []):
+            if file.size is not None and candidate.stat().st_size != file.size:
+                continue
+            if self._hash(candidate) == file.sha256:
+                return candidate
+        return None
+
+    def locate(self, entry: Entry, file: FileEntry) -> Path | None:
+        """The verified local copy of a file (cache, then mirror), or None; downloads nothing."""
+        cached = self._cached_path(entry, file)
+        if cached.is_file():
+            if self._hash(cached) == file.sha256:
+                return cached
+            if entry.origin == "imported":
+                raise IntegrityError(f"imported file {cached} was modified (SHA-256 mismatch)")
+            cached.unlink()  # damaged cache file: drop it and look elsewhere
+        return self._from_mirror(file)
+
+    def is_available(self, entry_id: str) -> bool:
+        """True if every file of the entry is on this machine (no download needed)."""
+        entry = self.get(entry_id)
+        return all(self.locate(entry, f) is not None for f in entry.files)
+
+    def fetch(self, entry_id: str, progress: DownloadProgress | None = None) -> dict[str, Path]:
+        """Local paths of all files of an entry, downloading what is missing."""
+        entry = self.get(entry_id)
+        paths = {}
+        for file in entry.files:
+            path = self.locate(entry, file)
+            if path is None:
+                path = self._download(entry, file, progress)
+            paths[file.name] = path
+        return paths
+
+    def _download(self, entry: Entry, file: FileEntry, progress: DownloadProgress | None) -> Path:
+        if not file.url:
+            raise ModelError(f"{entry.id}: {file.name} is not on this machine and has no download URL")
+        import pooch
+
+        target = self._cached_path(entry, file)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        bar: Any = _CallbackBar(progress, file.name) if progress else False
+        try:
+            pooch.retrieve(file.url, known_hash=f"sha256:{file.sha256}", fname=file.name,
+                           path=target.parent, progressbar=bar)
+        except ValueError as error:  # pooch's hash mismatch; it has removed the download already
+            raise IntegrityError(f"{entry.id}: downloaded {file.name} does not match its SHA-256 "
+                                 f"({file.url})") from error
+        except Exception as error:
+            raise ModelError(f"{entry.id}: cannot download {file.name} from {file.url}: {error}") from error
+        return target
+
+    def load(self, entry_id: str, progress: DownloadProgress | None = None):
+        """Fetch and load a model into a :class:`~.model.LoadedModel`."""
+        from .model import load_model_files
+
+        entry = self.get(entry_id)
+        if entry.kind != "model":
+            raise ModelError(f"'{entry_id}' is a sample scan, not a model")
+        return load_model_files(self.fetch(entry_id, progress), entry.spec_overrides)
+
+    # ------------------------------------------------------------------ import / remove
+    def import_folder(self, folder: Path, entry_id: str | None = None, title: str | None = None,
+                      task: str = "lesion", card: Mapping[str, Any] | None = None) -> Entry:
+        """Copy a local model folder into the cache as a new entry after loading it once to check it.
+
+        The folder holds a brainchop ``model.json`` + ``model.pth``, a TensorFlow.js ``model.json``
+        + ``.bin`` shards, or one of our ``.safetensors`` files; a ``colormap.json`` is kept.
+        """
+        from .model import load_model_files
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ModelError(f"not a folder: {folder}")
+        entry_id = entry_id or re.sub(r"[^a-z0-9._-]+", "-", folder.name.lower()).strip("-")
+        if not _ID_PATTERN.match(entry_id):
+            raise ModelError(f"invalid model id '{entry_id}' (lower-case letters, digits, '.', '_' and '-')")
+        if entry_id in self._builtin:
+            raise ModelError(f"'{entry_id}' is a built-in model id; choose another id")
+        names = [p.name for p in sorted(folder.iterdir()) if p.is_file()
+                 and (p.suffix in (".json", ".bin", ".pth", ".pt", ".safetensors"))]
+        files = {name: folder / name for name in names if name != "entry.json"}
+        loaded = load_model_files(files, (card or {}).get("spec"))
+        if task == "lesion" and loaded.spec.num_classes != 2:
+            raise ModelError(f"a lesion model must have 2 classes, this one has {loaded.spec.num_classes}")
+        destination = self.cache_dir / "imported" / entry_id
+        if destination.exists():
+            raise ModelError(f"a model with id '{entry_id}' is already imported; remove it first")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{entry_id}-", dir=destination.parent))
+        try:
+            file_entries = []
+            for name, path in files.items():
+                shutil.copy2(path, staging / name)
+                file_entries.append({"name": name, "sha256": sha256_of(staging / name),
+                                     "size": (staging / name).stat().st_size})
+            record = {"id": entry_id, "title": title or entry_id, "task": task, "files": file_entries,
+                      "imported_from": str(folder.resolve()),
+                      "description": f"Imported from {folder.name}; {loaded.spec.num_classes} classes, "
+                                     f"{loaded.num_parameters:,} parameters.",
+                      **{k: v for k, v in (card or {}).items() if k not in ("id", "files")}}
+            record.setdefault("postprocess", {"brain_mask": task == "lesion", "largest_component": False})
+            (staging / "entry.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+            staging.rename(destination)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+        return self.get(entry_id)
+
+    def remove(self, entry_id: str) -> None:
+        """Forget an imported model, or delete the cached downloads of a built-in one."""
+        entry = self.get(entry_id)
+        folder = self.cache_dir / ("imported" if entry.origin == "imported" else "files") / entry.id
+        if folder.exists():
+            shutil.rmtree(folder)
+
+    def clear_cache(self) -> None:
+        """Delete every downloaded file (imported models are kept)."""
+        files = self.cache_dir / "files"
+        if files.exists():
+            shutil.rmtree(files)
+
+
+def _entry_from_dict(item: Mapping[str, Any], kind: str, origin: str) -> Entry:
+    try:
+        entry_id = str(item["id"])
+        files = tuple(FileEntry(str(f["name"]), str(f["sha256"]).lower(), f.get("url"), f.get("size"))
+                      for f in item["files"])
+    except (KeyError, TypeError) as error:
+        raise ModelError(f"malformed registry entry {item.get('id', '?')}: missing {error}") from error
+    if not _ID_PATTERN.match(entry_id):
+        raise ModelError(f"invalid registry id '{entry_id}'")
+    for f in files:
+        if not re.fullmatch(r"[0-9a-f]{64}", f.sha256) or "/" in f.name or f.name.startswith("."):
+            raise ModelError(f"registry entry {entry_id}: bad file record {f.name}")
+    card = {k: v for k, v in item.items() if k not in ("id", "title", "files")}
+    return Entry(entry_id, str(item.get("title", entry_id)), kind, files, card, origin)
+
+
+class _CallbackBar:
+    """The part of tqdm's interface pooch uses, forwarding to a (done, total, name) callback."""
+
+    def __init__(self, callback: DownloadProgress, name: str) -> None:
+        self.callback, self.name, self.total, self.done = callback, name, 0, 0
+
+    def update(self, amount: int) -> None:
+        self.done += amount
+        self.callback(self.done, self.total, self.name)
+
+    def reset(self) -> None:
+        self.done = 0
+
+    def close(self) -> None:
+        pass
+
+
+def entries_json(entries: Iterable[Entry]) -> list[dict[str, Any]]:
+    return [{"id": e.id, "title": e.title, "kind": e.kind, "origin": e.origin, **e.card,
+             "files": [vars(f) for f in e.files]} for e in entries]

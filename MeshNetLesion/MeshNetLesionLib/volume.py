@@ -1,0 +1,187 @@
+"""A scalar volume as the core sees it: a voxel array in (i, j, k) order and a voxel-to-RAS affine.
+
+Every front end converts to this before anything else happens: files through :func:`load_volume`
+(NIfTI/MGH/Analyze via nibabel, NRRD via pynrrd), Slicer volume nodes through
+:meth:`Volume.from_kji` (Slicer's ``arrayFromVolume`` is (k, j, i)).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+NIFTI_INTENT_LABEL = 1002
+_NRRD_SUFFIXES = (".nrrd", ".nhdr")
+# NRRD "space" names and the sign flips that take that space to RAS.
+_NRRD_SPACE_TO_RAS = {
+    "right-anterior-superior": (1, 1, 1),
+    "ras": (1, 1, 1),
+    "left-posterior-superior": (-1, -1, 1),
+    "lps": (-1, -1, 1),
+    "left-anterior-superior": (-1, 1, 1),
+    "las": (-1, 1, 1),
+}
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3D scalar image.
+
+    ``array`` is indexed (i, j, k), the order of NIfTI and nibabel; ``affine`` maps a voxel index
+    (i, j, k, 1) to RAS millimetres, as Slicer's IJKToRAS matrix does.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+
+    def __post_init__(self) -> None:
+        affine = np.asarray(self.affine, dtype=np.float64)
+        if affine.shape != (4, 4):
+            raise InputError(f"the voxel-to-world matrix must be 4x4, not {affine.shape}")
+        object.__setattr__(self, "affine", affine)
+
+    @classmethod
+    def from_kji(cls, array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> "Volume":
+        """Build from a Slicer-style (k, j, i) array and IJKToRAS matrix (the array is not copied)."""
+        return cls(np.asarray(array_kji).transpose(2, 1, 0), ijk_to_ras)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in millilitres (|det| of the affine's 3x3 part, mm³ / 1000)."""
+        return abs(float(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+
+
+def validate(volume: Volume, name: str = "input") -> None:
+    """Raise :class:`InputError` with one clear sentence if ``volume`` cannot be segmented."""
+    array = volume.array
+    if array.ndim != 3:
+        raise InputError(f"{name} must be a 3D scalar volume, but it has shape {array.shape}")
+    if min(array.shape) < 2:
+        raise InputError(f"{name} is 2D (shape {array.shape}); MeshNet needs a 3D volume")
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+            or array.dtype == np.bool_):
+        raise InputError(f"{name} has voxel type {array.dtype}; a real-valued scalar volume is needed")
+    if not np.all(np.isfinite(volume.affine)):
+        raise InputError(f"{name} has a non-finite voxel-to-world matrix")
+    if abs(np.linalg.det(volume.affine[:3, :3])) < 1e-9:
+        raise InputError(f"{name} has a degenerate voxel-to-world matrix (zero voxel volume)")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise InputError(f"{name} contains {bad} NaN or infinite voxels")
+    lo, hi = array.min(), array.max()
+    if lo == hi:
+        raise InputError(f"{name} is constant (every voxel is {lo}); there is nothing to segment")
+
+
+def load_volume(path: str | os.PathLike) -> Volume:
+    """Read a 3D scalar image; a trailing 4th dimension of length 1 is dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no such file: {path}")
+    try:
+        if path.name.lower().endswith(_NRRD_SUFFIXES):
+            volume = _load_nrrd(path)
+        else:
+            volume = _load_nibabel(path)
+    except InputError:
+        raise
+    except Exception as error:  # nibabel/pynrrd raise many types for unreadable files
+        raise InputError(f"cannot read {path.name}: {error}") from error
+    array = volume.array
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return Volume(array, volume.affine)
+
+
+def _load_nibabel(path: Path) -> Volume:
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    # np.asanyarray(dataobj) applies scl_slope/scl_inter, as niimath does.
+    return Volume(np.asanyarray(image.dataobj), image.affine)
+
+
+def _load_nrrd(path: Path) -> Volume:
+    import nrrd
+
+    data, header = nrrd.read(str(path))
+    space = str(header.get("space", "right-anterior-superior")).lower()
+    if space not in _NRRD_SPACE_TO_RAS:
+        raise InputError(f"{path.name}: unsupported NRRD space '{space}'")
+    directions = np.asarray(header.get("space directions"), dtype=np.float64)
+    if directions.ndim != 2 or directions.shape[1] != 3:
+        raise InputError(f"{path.name}: needs 'space directions' for a 3D volume")
+    # Rows of 'space directions' are per axis; NaN rows mark non-spatial axes (e.g. components).
+    spatial = ~np.isnan(directions).any(axis=1)
+    if spatial.sum() != 3:
+        raise InputError(f"{path.name} is not a 3D scalar volume (space directions {directions.tolist()})")
+    if not spatial.all():
+        axes = [axis for axis, keep in enumerate(spatial) if not keep]
+        if any(data.shape[axis] != 1 for axis in axes):
+            raise InputError(f"{path.name} is not a scalar volume (shape {data.shape})")
+        data = data.squeeze(axis=tuple(axes))
+        directions = directions[spatial]
+    origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
+    flip = np.diag([*_NRRD_SPACE_TO_RAS[space], 1.0])
+    affine = np.eye(4)
+    affine[:3, :3] = directions.T
+    affine[:3, 3] = origin
+    return Volume(data, flip @ affine)
+
+
+def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, *, label: bool = False) -> Path:
+    """Write ``array`` ((i, j, k) order) with ``affine`` to NIfTI or NRRD, atomically.
+
+    The file appears complete or not at all: it is written beside its destination and renamed.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise InputError(f"output folder does not exist: {path.parent}")
+    name = path.name.lower()
+    suffix = ".nii.gz" if name.endswith(".nii.gz") else path.suffix
+    handle, tmp = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        if name.endswith(_NRRD_SUFFIXES):
+            _save_nrrd(tmp, array, affine)
+        elif name.endswith((".nii", ".nii.gz")):
+            _save_nifti(tmp, array, affine, label)
+        else:
+            raise InputError(f"unsupported output format: {path.name} (use .nii, .nii.gz or .nrrd)")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _save_nifti(tmp: str, array: np.ndarray, affine: np.ndarray, label: bool) -> None:
+    import nibabel as nib
+
+    image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
+    image.header.set_qform(affine, code=1)
+    image.header.set_sform(affine, code=1)
+    if label:
+        image.header.set_intent(NIFTI_INTENT_LABEL)
+    nib.save(image, tmp)
+
+
+def _save_nrrd(tmp: str, array: np.ndarray, affine: np.ndarray) -> None:
+    import nrrd
+
+    header = {
+        "space": "right-anterior-superior",
+        "space directions": np.asarray(affine, dtype=np.float64)[:3, :3].T,
+        "space origin": np.asarray(affine, dtype=np.float64)[:3, 3],
+        "encoding": "gzip",
+    }
+    nrrd.write(tmp, np.asarray(array), header)

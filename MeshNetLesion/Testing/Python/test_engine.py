@@ -1,0 +1,134 @@
+"""The inference engine against plain PyTorch, and its progress, cancel, device and OOM behaviour."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from MeshNetLesionLib import Cancelled, DeviceError, build_meshnet
+from MeshNetLesionLib import engine as engine_module
+from MeshNetLesionLib.engine import Engine, available_devices, resolve_device
+from MeshNetLesionLib.model import MeshNet
+from MeshNetLesionLib.spec import LayerSpec, ModelSpec
+
+
+def _random_batchnorm(model: MeshNet, seed: int) -> MeshNet:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in model.layers:
+            block.conv.weight.normal_(0, 0.3, generator=generator)
+            if isinstance(block.norm, torch.nn.BatchNorm3d):
+                block.norm.running_mean.uniform_(-0.3, 0.3, generator=generator)
+                block.norm.running_var.uniform_(0.5, 2.0, generator=generator)
+                block.norm.weight.uniform_(0.5, 1.5, generator=generator)
+                block.norm.bias.uniform_(-0.2, 0.2, generator=generator)
+    return model.eval()
+
+
+@pytest.fixture
+def small_slabs(monkeypatch):
+    """Force many slabs so halo handling and per-slab statistics are exercised on small inputs."""
+    monkeypatch.setattr(engine_module, "SLAB_BYTES_CPU", 4096)
+
+
+def _naive(model: MeshNet, x: np.ndarray) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.softmax(model(torch.from_numpy(x)[None, None]), dim=1)[0]
+
+
+def test_engine_matches_naive_pytorch_with_folded_batchnorm(small_slabs):
+    model = _random_batchnorm(build_meshnet(6, num_classes=3), seed=3)
+    x = np.random.default_rng(0).random((37, 29, 23), dtype=np.float32)
+    expected = _naive(model, x)
+    out = Engine(model.to_loaded(), "cpu").run(x, probability_classes=[0, 1, 2])
+    np.testing.assert_allclose(out.probabilities, expected.numpy(), atol=1e-4)  # folding reorders rounding
+    agree = (out.labels == expected.argmax(0).numpy()).mean()
+    assert agree > 0.999
+
+
+def test_group_norm_uses_whole_volume_statistics(small_slabs):
+    """brainchop-style GroupNorm (one group per channel, no affine) equals torch.nn.GroupNorm."""
+    layers = (LayerSpec(1, 4, 3, 1, False, "group", "gelu"), LayerSpec(4, 4, 3, 4, False, "group", "elu"),
+              LayerSpec(4, 2, 1, 1, True, "none", "none"))
+    model = MeshNet(ModelSpec(layers)).eval()
+    torch.manual_seed(2)
+    x = np.random.default_rng(1).random((30, 21, 17), dtype=np.float32) * 3
+    expected = _naive(model, x)
+    out = Engine(model.to_loaded(), "cpu").run(x, probability_classes=[1])
+    np.testing.assert_allclose(out.probabilities[0], expected[1].numpy(), atol=2e-5)
+
+
+def test_cpu_fp32_is_deterministic():
+    model = _random_batchnorm(build_meshnet(5), seed=4)
+    engine = Engine(model.to_loaded(), "cpu")
+    x = np.random.default_rng(2).random((48, 40, 36), dtype=np.float32)
+    first, second = engine.run(x, probability_classes=[1]), engine.run(x, probability_classes=[1])
+    assert np.array_equal(first.probabilities, second.probabilities)
+    assert np.array_equal(first.labels, second.labels)
+
+
+def test_progress_is_monotone_per_layer_and_ends_at_one(small_slabs):
+    engine = Engine(build_meshnet(3).to_loaded(), "cpu")
+    seen: list[tuple[float, str]] = []
+    engine.run(np.zeros((20, 16, 16), np.float32), progress=lambda f, s: seen.append((f, s)))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    stages = {s for _, s in seen}
+    assert {f"layer {i} of 10" for i in range(1, 11)} <= stages
+
+
+def test_cancel_raises_and_stops_early(small_slabs):
+    engine = Engine(build_meshnet(3).to_loaded(), "cpu")
+    cancel = threading.Event()
+    calls = []
+
+    def progress(fraction, stage):
+        calls.append(fraction)
+        if fraction > 0.3:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        engine.run(np.zeros((20, 16, 16), np.float32), progress=progress, cancel=cancel)
+    assert max(calls) < 0.6  # stopped at the next slab, not at the end
+
+
+def test_missing_devices_give_clear_errors():
+    reasons = available_devices()
+    assert reasons["cpu"] is None
+    if reasons["cuda"] is not None:
+        with pytest.raises(DeviceError, match="cuda"):
+            resolve_device("cuda")
+    with pytest.raises(DeviceError, match="unknown device"):
+        resolve_device("tpu")
+    with pytest.raises(DeviceError, match="fp16"):
+        Engine(build_meshnet(3).to_loaded(), "cpu", "fp16")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+
+
+def test_out_of_memory_on_gpu_retries_on_cpu(monkeypatch):
+    """No GPU here: the GPU run is simulated by a stand-in that raises PyTorch's OOM error."""
+    engine = Engine(build_meshnet(3).to_loaded(), "cpu")
+    engine.device = torch.device("cuda")
+    real_run = Engine._run
+
+    def run(self, volume, device, *args):
+        if device.type == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_run(self, volume, device, *args)
+
+    monkeypatch.setattr(Engine, "_run", run)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    out = engine.run(np.zeros((8, 8, 8), np.float32))
+    assert out.device == "cpu" and out.precision == "fp32"
+    assert "out of memory" in out.warnings[0]
+
+
+def test_bf16_on_cpu_agrees_with_fp32():
+    model = _random_batchnorm(build_meshnet(4), seed=5)
+    x = np.random.default_rng(3).random((24, 20, 16), dtype=np.float32)
+    fp32 = Engine(model.to_loaded(), "cpu", "fp32").run(x, probability_classes=[1])
+    bf16 = Engine(model.to_loaded(), "cpu", "bf16").run(x, probability_classes=[1])
+    assert bf16.precision == "bf16"
+    assert np.abs(bf16.probabilities - fp32.probabilities).max() < 0.1
