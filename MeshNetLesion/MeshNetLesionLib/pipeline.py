@@ -50,6 +50,7 @@ class SegmentationResult:
     min_lesion_ml: float
     timings_s: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+    brain: np.ndarray | None = None  # the brain mask used to restrict labels, on the source grid
 
     @property
     def voxel_volume_ml(self) -> float:
@@ -64,6 +65,10 @@ class SegmentationResult:
         if not self.is_lesion_model:
             return None
         return float(np.count_nonzero(self.labels == 1)) * self.voxel_volume_ml
+
+    @property
+    def brain_volume_ml(self) -> float | None:
+        return None if self.brain is None else float(np.count_nonzero(self.brain)) * self.voxel_volume_ml
 
     @property
     def lesion_components(self) -> int | None:
@@ -83,6 +88,7 @@ class SegmentationResult:
             "lesion_components": self.lesion_components,
             "class_volumes_ml": {k: round(v, 3) for k, v in self.class_volumes_ml().items()},
             "brain_mask": self.brain_mask,
+            "brain_volume_ml": None if self.brain is None else round(self.brain_volume_ml, 3),
             "min_lesion_ml": self.min_lesion_ml,
             "device": self.device,
             "precision": self.precision,
@@ -193,7 +199,8 @@ class Segmenter:
             output = self._run(self.brain_engine, conformed, box, (), stages.within(position, shares[0], "brain mask"),
                                cancel)
             warnings += output.warnings
-            brain = brain_region(output.labels == 1)
+            brain = np.zeros(SHAPE, bool)
+            brain[box] = brain_region(output.labels == 1)
             position += shares[0]
             timings["brain_mask"] = time.perf_counter() - tick
 
@@ -208,12 +215,13 @@ class Segmenter:
         tick = time.perf_counter()
         stages.report(1 - _FINISH_SHARE, "back to the source grid")
         labels, probs = self._finish(output, conformed, box, brain, lesion_task, probabilities, stages)
+        source_brain = None if brain is None else to_source(brain.view(np.uint8), conformed, order=0) > 0
         timings["to_source"] = time.perf_counter() - tick
         timings["total"] = time.perf_counter() - started
         stages.report(1.0, "done")
         return SegmentationResult(labels, volume.affine.copy(), probs, self.entry.id, self.task, self.spec.classes,
                                   output.device, output.precision, brain is not None, self.min_lesion_ml, timings,
-                                  warnings)
+                                  warnings, source_brain)
 
     def _run(self, engine: Engine, conformed: Conformed, box, classes, progress, cancel):
         x = normalize(conformed.array, engine.spec.normalization)[box]
@@ -224,24 +232,14 @@ class Segmenter:
         if lesion_task:
             probability = np.zeros(SHAPE, np.float32)
             probability[box] = output.probabilities[0]
-            if brain is not None:
-                probability[~brain] = 0.0
             stages.check()
-            source_probability = to_source(probability, conformed, order=1)
-            stages.check()
-            lesion = source_probability > 0.5
-            voxel_ml = abs(float(np.linalg.det(conformed.source_affine[:3, :3]))) / 1000.0
-            lesion = remove_small_components(lesion, self.min_lesion_ml / voxel_ml)
-            return lesion.astype(np.uint8), (source_probability if probabilities else None)
-
+            labels, source_probability = lesion_to_source(probability, conformed, brain, self.min_lesion_ml)
+            return labels, (source_probability if probabilities else None)
         labels = np.zeros(SHAPE, output.labels.dtype)
         labels[box] = output.labels
-        if brain is not None:
-            labels[~brain] = 0
-        if self.entry.postprocess.get("largest_component", False):
-            labels = largest_component(labels)
         stages.check()
-        source_labels = to_source(labels, conformed, order=0)
+        source_labels = labels_to_source(labels, conformed, brain,
+                                         bool(self.entry.postprocess.get("largest_component", False)))
         source_probs = None
         if probabilities:
             source_probs = np.empty((output.probabilities.shape[0], *conformed.source_shape), np.float32)
@@ -251,6 +249,33 @@ class Segmenter:
                 channel[box] = values
                 to_source(channel, conformed, order=1, output=source_probs[index])
         return source_labels, source_probs
+
+
+def lesion_to_source(probability: np.ndarray, conformed: Conformed, brain: np.ndarray | None,
+                     min_lesion_ml: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Lesion probability (256³) → restricted to the brain → trilinear onto the source grid → > 0.5,
+    then components under ``min_lesion_ml`` (measured on the source grid) removed.
+
+    Interpolating the probability rather than the labels gives smooth boundaries on finer or
+    oblique source grids; on the conformed grid itself it equals the argmax.
+    """
+    if brain is not None:
+        probability = np.where(brain, probability, np.float32(0.0))
+    source_probability = to_source(probability, conformed, order=1)
+    lesion = source_probability > 0.5
+    voxel_ml = abs(float(np.linalg.det(conformed.source_affine[:3, :3]))) / 1000.0
+    lesion = remove_small_components(lesion, min_lesion_ml / voxel_ml)
+    return lesion.astype(np.uint8), source_probability
+
+
+def labels_to_source(labels: np.ndarray, conformed: Conformed, brain: np.ndarray | None,
+                     largest: bool) -> np.ndarray:
+    """Class labels (256³) → restricted to the brain → brainchop's largest component → nearest onto the source."""
+    if brain is not None:
+        labels = np.where(brain, labels, 0).astype(labels.dtype)
+    if largest:
+        labels = largest_component(labels)
+    return to_source(labels, conformed, order=0)
 
 
 def segment(volume: Volume, model_id: str | None = None, *, probabilities: bool = False,
