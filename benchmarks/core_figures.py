@@ -104,6 +104,17 @@ def main() -> int:
         rows.append((f"crop margin {margin} vs whole 256³ grid (M2265, no brain mask): voxels differing",
                      f"{np.count_nonzero(cropped.labels != full)}"))
 
+    # Axis order: the network must see the conformed array in (i, j, k) order.
+    from MeshNetLesionLib.engine import Engine
+    from MeshNetLesionLib.pipeline import normalize
+
+    engine = Engine(registry.load("t2lesion-meshnet11"), "cpu")
+    x = normalize(conform(arc).array, engine.spec.normalization)
+    right = engine.run(x).labels
+    transposed = engine.run(np.ascontiguousarray(x.transpose(2, 1, 0))).labels.transpose(2, 1, 0)
+    rows.append(("M2265 lesion model fed the transposed (k, j, i) array: Dice vs (i, j, k)",
+                 f"{dice(transposed == 1, right == 1):.2f}"))
+
     width = max(len(r[0]) for r in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")

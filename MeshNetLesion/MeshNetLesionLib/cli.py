@@ -131,13 +131,13 @@ def _plan(args: argparse.Namespace) -> list[dict[str, Path | None]]:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from .pipeline import CROP_MARGIN, Segmenter
+    from .pipeline import Segmenter
     from .volume import load_volume
 
     plans = _plan(args)
     show_bar = not args.quiet and sys.stderr.isatty()
     segmenter = Segmenter(args.model, device=args.device, precision=args.precision, brain_mask=args.brain_mask,
-                          min_lesion_ml=args.min_lesion_ml, crop_margin=None if args.no_crop else CROP_MARGIN,
+                          min_lesion_ml=args.min_lesion_ml, crop_margin=None if args.no_crop else "auto",
                           download_progress=_download_printer() if show_bar else None)
     failures = 0
     for plan in plans:
