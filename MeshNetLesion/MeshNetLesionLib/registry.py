@@ -87,12 +87,19 @@ class Registry:
     def __init__(self, registry_path: Path | None = None, cache_dir: Path | None = None,
                  mirror: Path | str | None = None) -> None:
         self.registry_path = Path(registry_path or BUILTIN_REGISTRY)
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self._cache_dir = Path(cache_dir) if cache_dir is not None else None
         mirror = mirror if mirror is not None else os.environ.get(MIRROR_ENV)
         self.mirror = Path(mirror).expanduser() if mirror else None
         self._builtin = self._read_builtin()
         self._mirror_index: dict[str, list[Path]] | None = None
         self._hash_memo: dict[tuple[str, int, int], str] = {}
+
+    @property
+    def cache_dir(self) -> Path:
+        """Resolved on first use, so reading the registry needs no third-party package."""
+        if self._cache_dir is None:
+            self._cache_dir = default_cache_dir()
+        return self._cache_dir
 
     # ------------------------------------------------------------------ entries
     def _read_builtin(self) -> dict[str, Entry]:
@@ -133,6 +140,12 @@ class Registry:
             known = ", ".join(sorted(everything))
             raise UnknownModelError(f"unknown model id '{entry_id}' (known: {known})")
         return everything[entry_id]
+
+    def builtin_entry(self, entry_id: str) -> Entry:
+        """A built-in entry, without looking at the cache (works before any package is installed)."""
+        if entry_id not in self._builtin:
+            raise UnknownModelError(f"unknown built-in id '{entry_id}'")
+        return self._builtin[entry_id]
 
     def default_model(self) -> Entry:
         for entry in self.entries("model"):

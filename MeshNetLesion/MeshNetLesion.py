@@ -1,0 +1,504 @@
+"""MeshNetLesion: chronic stroke lesion segmentation on T2-weighted MRI with MeshNet, in 3D Slicer.
+
+A thin module file over MeshNetLesionLib: the widget shows the panel and drives a
+:class:`MeshNetLesionLib.logic.SegmentationJob` from a timer; all computation lives in the library.
+Third-party packages (torch, scipy, safetensors, pooch) are imported only when a run starts.
+"""
+import html
+import logging
+import os
+import time
+import traceback
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleTest,
+                                           ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+from MeshNetLesionLib.logic import MeshNetLesionLogic  # noqa: F401  (re-exported: the module's logic)
+
+SAMPLE_ID = "sample-arc-m2265-t2w"
+SAMPLE_NAME = "MeshNetLesionARC"
+# Packages beyond PyTorch that the core needs in Slicer's Python (numpy ships with Slicer).
+REQUIREMENTS_FILE = os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
+# How long each timer tick gives the worker thread the GIL. Slicer's main thread holds the GIL
+# while idle in the Qt event loop, so the worker's Python code only runs while the main thread
+# sleeps here (torch kernels release the GIL and run regardless). 20 ms of every 50 ms keeps the
+# panel responsive and the worker busy.
+POLL_INTERVAL_MS = 50
+WORKER_SLICE_S = 0.02
+
+
+class MeshNetLesion(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("MeshNet Lesion")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["MeshNetLesion contributors"]
+        self.parent.helpText = _(
+            "Segments chronic stroke lesions on T2-weighted brain MRI with MeshNet, a dilated 3D network "
+            "of a few thousand to 150 thousand parameters. Select a T2 volume and a model, click Apply, "
+            "then review and correct the 'Lesion' segment in Segment Editor. Research use only: not for "
+            "clinical use.")
+        self.parent.acknowledgementText = _(
+            "MeshNet: Fedorov et al., State-of-the-Art Stroke Lesion Segmentation at 1/1000th of Parameters "
+            "(2025). Default model: T2lesion (neurolabusc/T2lesion, brainchop/NiiVue developers), trained on "
+            "the Aphasia Recovery Cohort (Gibson et al., Sci Data 2024). Brain extraction: MindGrab "
+            "(brainchop). ")
+        slicer.app.connect("startupCompleted()", onStartupCompleted)
+
+
+def onStartupCompleted():
+    registerSampleData()
+    try:
+        MeshNetLesionLogic(terminologyLogic=slicer.modules.terminologies.logic()).loadTerminology()
+    except AttributeError:  # Terminologies module disabled
+        logging.warning("MeshNetLesion: Terminologies module not available; lesion terminology not loaded")
+
+
+def registerSampleData():
+    """The ARC sample scan, with the URL and SHA-256 of the model registry's entry."""
+    import SampleData
+    from MeshNetLesionLib.registry import Registry
+
+    entry = Registry().builtin_entry(SAMPLE_ID)
+    file = entry.files[0]
+    logic = SampleData.SampleDataLogic
+    if hasattr(logic, "registerCustomSampleDataCategory"):  # Slicer 5.12+
+        logic.registerCustomSampleDataCategory("MeshNetLesion", title=_("MeshNet Lesion"))
+    logic.registerCustomSampleDataSource(
+        category="MeshNetLesion", sampleName=SAMPLE_NAME,
+        thumbnailFileName=os.path.join(os.path.dirname(__file__), "Resources", "Icons", "SampleARC.png"),
+        uris=file.url, fileNames=file.name, nodeNames=file.name.split(".")[0],
+        checksums=f"SHA256:{file.sha256}", loadFileTypes="VolumeFile")
+
+
+def missingPackages():
+    """Requirements from Resources/requirements.txt that cannot be imported (torch is separate)."""
+    import importlib.util
+
+    names = []
+    with open(REQUIREMENTS_FILE, encoding="utf-8") as handle:
+        for line in handle:
+            requirement = line.split("#")[0].strip()
+            if requirement:
+                module = requirement.split(">")[0].split("=")[0].split("<")[0].strip().replace("-", "_")
+                if importlib.util.find_spec(module) is None:
+                    names.append(requirement)
+    return names
+
+
+def ensureDependencies(askConfirmation=True):
+    """Install PyTorch (through the PyTorch extension) and the other packages, after asking.
+
+    Returns True when everything is importable; False (after telling the user why) otherwise.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            slicer.util.errorDisplay(_("MeshNet Lesion needs the PyTorch extension. Install 'PyTorch' from the "
+                                       "Extensions Manager and restart Slicer."))
+            return False
+        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation) is None:
+            slicer.util.errorDisplay(_("PyTorch was not installed; MeshNet Lesion cannot run without it."))
+            return False
+    missing = missingPackages()
+    if missing:
+        try:
+            import slicer.packaging as packaging  # Slicer 5.12+
+        except ImportError:
+            packaging = None
+        if packaging is not None and not slicer.app.testingEnabled():
+            try:
+                packaging.pip_ensure(missing, requester="MeshNetLesion")
+            except RuntimeError:  # the user declined
+                return False
+        else:  # Slicer 5.8/5.10, or a self-test (pip_ensure skips installs while testing)
+            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                    _("MeshNet Lesion needs these Python packages: {packages}. Install them now?").format(
+                        packages=", ".join(missing))):
+                return False
+            slicer.util.pip_install(" ".join(missing))
+    still = missingPackages()
+    if still:
+        slicer.util.errorDisplay(_("Could not install: {packages}").format(packages=", ".join(still)))
+        return False
+    return True
+
+
+@parameterNodeWrapper
+class MeshNetLesionParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    modelId: str = ""            # bound by hand: the model list comes from the registry at run time
+    device: str = "auto"         # bound by hand: which devices exist is known only once PyTorch is here
+    restrictToBrain: bool = True
+    minimumLesionMl: Annotated[float, WithinRange(0.0, 1000.0)] = 0.0
+    outputProbability: bool = False
+
+
+class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel. It reads and writes the parameter node and asks the logic to do everything else."""
+
+    DEVICES = (("auto", "Auto"), ("cpu", "CPU"), ("cuda", "CUDA"), ("mps", "MPS"))
+
+    def __init__(self, parent=None, logic=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = logic          # injectable, so the widget can be driven with any logic
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._timer = None
+        self._updatingGui = False
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MeshNetLesion.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        if self.logic is None:
+            self.logic = MeshNetLesionLogic(terminologyLogic=slicer.modules.terminologies.logic())
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self.onTimer)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onOutputChanged)
+        self.ui.editInSegmentEditorButton.connect("clicked(bool)", self.onEditInSegmentEditor)
+        self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
+        self.ui.clearModelsButton.connect("clicked(bool)", self.onClearModels)
+
+        self.populateModels()
+        self.populateDevices()
+        self.ui.progressBar.setVisible(False)
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        if self._job is not None and not self._job.finished:
+            self._job.cancel()
+        if self._timer is not None:
+            self._timer.stop()
+        self.removeObservers()
+        self.setParameterNode(None)
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        # A running segmentation keeps running; the timer keeps polling it.
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)  # the logic's job cancels itself when the scene closes
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    # ---------------------------------------------------------------- parameter node
+    def initializeParameterNode(self):
+        self.setParameterNode(MeshNetLesionParameterNode(self.logic.getParameterNode()))
+        if not self._parameterNode.inputVolume:
+            volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if volume is not None and not volume.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.inputVolume = volume
+        if not self._parameterNode.modelId:
+            self._parameterNode.modelId = self.logic.registry.default_model().id
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+            self.updateGuiFromParameterNode()
+
+    def updateGuiFromParameterNode(self, caller=None, event=None):
+        if self._parameterNode is None or self._updatingGui:
+            return
+        self._updatingGui = True
+        try:
+            self._selectData(self.ui.modelComboBox, self._parameterNode.modelId)
+            self._selectData(self.ui.deviceComboBox, self._parameterNode.device)
+            self.showModelCard()
+            self.showResults()
+            running = self._job is not None and not self._job.finished
+            if running:
+                self.ui.applyButton.text = _("Cancel")
+                self.ui.applyButton.toolTip = _("Stop the segmentation; nothing is added to the scene.")
+                self.ui.applyButton.enabled = True
+            else:
+                self.ui.applyButton.text = _("Apply")
+                ready = bool(self._parameterNode.inputVolume and self._parameterNode.modelId)
+                self.ui.applyButton.enabled = ready
+                self.ui.applyButton.toolTip = (_("Segment the lesion") if ready else
+                                               _("Select an input volume and a model"))
+            for widget in (self.ui.inputsCollapsibleButton, self.ui.optionsCollapsibleButton,
+                           self.ui.outputsCollapsibleButton, self.ui.modelsCollapsibleButton):
+                widget.enabled = not running
+        finally:
+            self._updatingGui = False
+
+    @staticmethod
+    def _selectData(comboBox, value):
+        index = comboBox.findData(value)
+        if index >= 0 and comboBox.currentIndex != index:
+            comboBox.setCurrentIndex(index)
+
+    # ---------------------------------------------------------------- models and devices
+    def populateModels(self):
+        current = self._parameterNode.modelId if self._parameterNode else None
+        self.ui.modelComboBox.blockSignals(True)
+        self.ui.modelComboBox.clear()
+        for entry in self.logic.models():
+            label = entry.title + (_(" (imported)") if entry.origin == "imported" else "")
+            self.ui.modelComboBox.addItem(label, entry.id)
+        self.ui.modelComboBox.blockSignals(False)
+        if current:
+            self._selectData(self.ui.modelComboBox, current)
+
+    def populateDevices(self):
+        """Disable devices this machine lacks, with the reason (needs PyTorch to tell)."""
+        import importlib.util
+
+        self.ui.deviceComboBox.clear()
+        reasons = self.logic.deviceChoices() if importlib.util.find_spec("torch") else {}
+        for index, (value, label) in enumerate(self.DEVICES):
+            reason = reasons.get(value)
+            self.ui.deviceComboBox.addItem(label if reason is None else f"{label} ({_('not available')})", value)
+            if reason:
+                item = self.ui.deviceComboBox.model().item(index)
+                item.setEnabled(False)
+                item.setToolTip(reason)
+        if not reasons:
+            self.ui.deviceComboBox.toolTip = _("PyTorch is installed on the first run; then unavailable "
+                                               "devices are disabled here.")
+
+    def onModelChanged(self, index):
+        if self._parameterNode is None or self._updatingGui or index < 0:
+            return
+        modelId = self.ui.modelComboBox.itemData(index)
+        if modelId != self._parameterNode.modelId:
+            wasModifying = self._parameterNode.StartModify()
+            self._parameterNode.modelId = modelId
+            # each model brings its own default for the brain restriction (on for lesion models)
+            self._parameterNode.restrictToBrain = bool(
+                self.logic.registry.get(modelId).postprocess.get("brain_mask", False))
+            self._parameterNode.EndModify(wasModifying)
+
+    def onDeviceChanged(self, index):
+        if self._parameterNode is None or self._updatingGui or index < 0:
+            return
+        self._parameterNode.device = self.ui.deviceComboBox.itemData(index)
+
+    def showModelCard(self):
+        modelId = self._parameterNode.modelId if self._parameterNode else ""
+        if not modelId:
+            self.ui.modelCardLabel.text = ""
+            return
+        try:
+            card = self.logic.modelCard(modelId)
+        except Exception as error:  # an imported model whose files were removed
+            self.ui.modelCardLabel.text = str(error)
+            return
+        metrics = card.get("metrics") or []
+        metricText = "; ".join(f"{m['name']}: {m['value']}" for m in metrics) or card.get("metrics_note", _("none published"))
+        state = (_("on this computer") if card["available"] else
+                 _("downloads {size:.1f} MB on first use").format(size=card["download_mb"]))
+        rows = [(_("Task"), card.get("task", "")), (_("Input"), card.get("input", "")),
+                (_("Trained on"), card.get("training_data", "")), (_("Known metrics"), metricText),
+                (_("Licence"), card.get("license", "")), (_("Files"), state)]
+        card_html = "".join(f"<b>{name}:</b> {html.escape(str(value))}<br>" for name, value in rows if value)
+        if card.get("source"):
+            card_html += f'<a href="{card["source"]}">{html.escape(card["source"])}</a>'
+        self.ui.modelCardLabel.text = card_html
+
+    # ---------------------------------------------------------------- running
+    def onApplyButton(self):
+        if self._job is not None and not self._job.finished:
+            self._job.cancel()
+            self.ui.statusLabel.text = _("Cancelling…")
+            self.ui.applyButton.enabled = False
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
+            if not ensureDependencies(askConfirmation=True):
+                return
+            self.populateDevices()
+            parameters = self._parameterNode
+            self._job = self.logic.segmentAsync(
+                parameters.inputVolume, parameters.outputSegmentation, modelId=parameters.modelId,
+                device=parameters.device, brainMask=parameters.restrictToBrain,
+                minimumLesionMl=parameters.minimumLesionMl, outputProbability=parameters.outputProbability)
+            self._job.addProgressCallback(self.onProgress)
+            self.ui.progressBar.value = 0
+            self.ui.progressBar.setVisible(True)
+            self.ui.statusLabel.text = _("Starting…")
+            self._timer.start()
+            self.updateGuiFromParameterNode()
+
+    def onTimer(self):
+        job = self._job
+        if job is None:
+            self._timer.stop()
+            return
+        if job.poll():
+            self._timer.stop()
+            self.onJobFinished(job)
+        else:
+            self.ui.statusLabel.text = f"{job.stage} — {job.elapsed:.0f} s"
+            time.sleep(WORKER_SLICE_S)  # hand the GIL to the worker thread (see POLL_INTERVAL_MS)
+
+    def onProgress(self, fraction, stage):
+        self.ui.progressBar.value = int(round(fraction * 100))
+        self.ui.statusLabel.text = f"{stage} — {self._job.elapsed:.0f} s" if self._job else stage
+
+    def onJobFinished(self, job):
+        self.ui.progressBar.setVisible(False)
+        if job.state == "done":
+            self.ui.statusLabel.text = _("Done in {seconds:.1f} s on {device}.").format(
+                seconds=job.elapsed, device=job.result.device)
+            if self._parameterNode is not None:
+                self._parameterNode.outputSegmentation = job.segmentationNode
+            for warning in job.warnings:
+                logging.warning("MeshNetLesion: %s", warning)
+        elif job.state == "cancelled":
+            self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
+        else:
+            self.ui.statusLabel.text = _("Failed.")
+            from MeshNetLesionLib import MeshNetLesionError
+
+            error = job.error
+            detail = None if isinstance(error, MeshNetLesionError) else "".join(
+                traceback.format_exception(type(error), error, error.__traceback__))
+            slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=error), detailedText=detail)
+        self.updateGuiFromParameterNode()
+
+    # ---------------------------------------------------------------- results
+    def onOutputChanged(self, node):
+        self.ui.segmentationShow3DButton.setSegmentationNode(node)
+        self.showResults()
+
+    def showResults(self):
+        node = self._parameterNode.outputSegmentation if self._parameterNode else None
+        summary = self.logic.lesionSummary(node)
+        if not summary.get("LesionVolumeMl"):
+            self.ui.resultLabel.text = _("No result yet.")
+            self.ui.editInSegmentEditorButton.enabled = bool(node)
+            return
+        text = _("Lesion: {volume} mL in {components} component(s) ({model}, {device}).").format(
+            volume=f"{float(summary['LesionVolumeMl']):.2f}", components=summary["LesionComponents"],
+            model=summary["Model"], device=summary["Device"])
+        if summary.get("BrainVolumeMl"):
+            text += " " + _("Brain mask: {volume} mL.").format(volume=summary["BrainVolumeMl"])
+        self.ui.resultLabel.text = text
+        self.ui.editInSegmentEditorButton.enabled = True
+
+    def onEditInSegmentEditor(self):
+        """Open Segment Editor with this segmentation and the input volume as source."""
+        segmentation = self._parameterNode.outputSegmentation
+        volume = self._parameterNode.inputVolume
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(segmentation)
+        if volume is not None:
+            editor.setSourceVolumeNode(volume)
+
+    def onImportModel(self):
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Model folder to import"))
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not import the model."), waitCursor=True):
+            entry = self.logic.importModelFolder(folder)
+            self.populateModels()
+            self._parameterNode.modelId = entry.id
+            slicer.util.infoDisplay(_("Imported '{title}'.").format(title=entry.title))
+
+    def onClearModels(self):
+        if not slicer.util.confirmOkCancelDisplay(_("Delete all downloaded model files? They are downloaded "
+                                                    "again when needed; imported models are kept.")):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not clear the model cache.")):
+            self.logic.clearDownloadedModels()
+            self.showModelCard()
+
+
+class MeshNetLesionTest(ScriptedLoadableModuleTest):
+    """Runs in Slicer, on the CPU: segment the ARC sample, cancel a run, re-run beside a user segment."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.assertTrue(ensureDependencies(askConfirmation=False), "dependencies could not be installed")
+        for test in (self.test_SegmentSample, self.test_CancelLeavesNoNodes, self.test_RerunKeepsUserSegment):
+            self.setUp()
+            test()
+
+    def loadSample(self):
+        import SampleData
+
+        registerSampleData()
+        return SampleData.downloadSample(SAMPLE_NAME)
+
+    def lesionArray(self, segmentationNode, volumeNode):
+        segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName("Lesion")
+        self.assertTrue(segmentId, "no segment named Lesion")
+        return slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
+
+    def test_SegmentSample(self):
+        self.delayDisplay("Segmenting the ARC sample on the CPU (a few minutes)")
+        volume = self.loadSample()
+        seen = []
+        segmentation = MeshNetLesionLogic().segment(volume, device="cpu", progressCallback=lambda f, s: seen.append(f))
+        lesion = self.lesionArray(segmentation, volume)
+        self.assertEqual(lesion.shape, slicer.util.arrayFromVolume(volume).shape)
+        self.assertGreater(int(lesion.sum()), 20000)  # ~45.8 mL at 1 mm³
+        self.assertEqual(seen, sorted(seen))
+        self.assertEqual(seen[-1], 1.0)
+        self.delayDisplay("Sample segmented")
+
+    def test_CancelLeavesNoNodes(self):
+        volume = self.loadSample()
+        before = slicer.mrmlScene.GetNumberOfNodes()
+        job = MeshNetLesionLogic().segmentAsync(volume, device="cpu", brainMask=False)
+        job.addProgressCallback(lambda fraction, stage: job.cancel() if fraction > 0.05 else None)
+        job.wait()
+        self.assertEqual(job.state, "cancelled")
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
+        self.delayDisplay("Cancel left the scene unchanged")
+
+    def test_RerunKeepsUserSegment(self):
+        volume = self.loadSample()
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.GetSegmentation().AddEmptySegment("user", "User segment")
+        logic = MeshNetLesionLogic()
+        logic.segment(volume, segmentation, device="cpu", brainMask=False)
+        logic.segment(volume, segmentation, device="cpu", brainMask=False)
+        names = [segmentation.GetSegmentation().GetNthSegment(i).GetName()
+                 for i in range(segmentation.GetSegmentation().GetNumberOfSegments())]
+        self.assertEqual(names, ["User segment", "Lesion"])
+        self.delayDisplay("Re-run kept the user's segment")
