@@ -285,7 +285,12 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         import importlib.util
 
         self.ui.deviceComboBox.clear()
-        reasons = self.logic.deviceChoices() if importlib.util.find_spec("torch") else {}
+        reasons = {}
+        if importlib.util.find_spec("torch"):
+            try:
+                reasons = self.logic.deviceChoices()
+            except Exception as error:  # a broken PyTorch install: say so, let the first run report it
+                logging.warning("MeshNetLesion: could not query PyTorch devices: %s", error)
         for index, (value, label) in enumerate(self.DEVICES):
             reason = reasons.get(value)
             self.ui.deviceComboBox.addItem(label if reason is None else f"{label} ({_('not available')})", value)

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,11 +67,15 @@ class Entry:
 
 
 def default_cache_dir() -> Path:
+    """``MESHNET_LESION_CACHE``, else the platform's user cache folder (the one platformdirs and
+    pooch.os_cache choose), worked out here so that listing models needs no third-party package."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
-    import pooch
-
-    return Path(pooch.os_cache("meshnet-lesion"))
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "meshnet-lesion" / "Cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "meshnet-lesion"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "meshnet-lesion"
 
 
 def sha256_of(path: Path) -> str:

@@ -188,3 +188,13 @@ def test_slicer_requirements_are_core_dependencies():
     wanted = [line.split("#")[0].strip() for line in (MODULE_DIR / "Resources" / "requirements.txt").read_text().splitlines()]
     for requirement in filter(None, wanted):
         assert re.split(r"[<>=]", requirement)[0] in declared, requirement
+
+
+def test_listing_models_needs_no_third_party_package():
+    """The panel lists models before the first run installs pooch and friends."""
+    code = ("import sys; from MeshNetLesionLib.registry import Registry; r = Registry(); r.entries(); "
+            "r.default_model(); r.builtin_entry('sample-arc-m2265-t2w'); "
+            "heavy = [m for m in ('torch', 'scipy', 'safetensors', 'pooch', 'platformdirs') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=MODULE_DIR)
+    assert done.returncode == 0, done.stderr
