@@ -1,12 +1,20 @@
-"""Layer-by-layer MeshNet inference: no autograd, BatchNorm folded, slabs, progress and cancel.
+"""Layer-by-layer MeshNet inference: streamed through all layers at once, BatchNorm folded, fp32 by default.
 
-MeshNet has no skip connections, so only two activations are alive at once: the input of the
-current layer and its output. Each layer is computed in slabs along the first axis (each slab
-reads its input rows plus a halo of ``dilation`` rows), which bounds temporary memory, gives
-progress and cancellation points well under a second apart, and lets brainchop's GroupNorm
-gather its whole-volume statistics in a first pass before it normalises in a second.
-The classifier layer is fused with softmax/argmax, so the logits of all classes are never
-materialised for the whole volume.
+MeshNet has no skip connections and no down-sampling, so it can be computed as a wavefront: the
+volume is cut into thin slabs along its first axis and every layer advances a few rows at a
+time, each keeping only the rows the next layer still needs (its slab plus twice the next
+layer's dilation). Memory then scales with the sum of the dilations, not with the volume: for
+MeshNet-26 at 256³ the activations take about 1 GB instead of the 3.5 GB of two whole fp32
+buffers, and each slab stays cache-warm between its convolution and activation.
+
+brainchop's GroupNorm (one group per channel, statistics over the whole volume) cannot be
+streamed: such a layer is computed over the whole volume in slabs, its statistics gathered in a
+first pass and applied in a second, and the streamed segments run between these barriers.
+The classifier is fused with softmax/argmax, so the logits of all classes are never kept.
+
+Hidden channels are zero-padded to widths the CPU convolution kernels handle well (e.g. 5 → 8,
+15 → 16): the padded channels stay exactly zero, so the result is the same network; only the
+order of floating-point additions changes (measured: labels equal on ≥ 99.999 % of voxels).
 """
 from __future__ import annotations
 
@@ -17,16 +25,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import Cancelled, DeviceError
+from .errors import Cancelled, DeviceError, ModelError
 from .model import LoadedModel
 from .spec import LayerSpec
 
 ProgressCallback = Callable[[float, str], None]
-# Target size of one slab's output. Bigger slabs run faster (fewer halo rows, fewer calls); on the
-# CPU a 256 MB slab of a 256³ volume still finishes in well under a second per slab.
+# Bytes of one layer's output per streaming step (CPU) and per slab of a GroupNorm layer. Small
+# steps keep the working set in cache and the peak memory low; on a GPU one step is the volume.
+STEP_BYTES_CPU = 28 * 2 ** 20
 SLAB_BYTES_CPU = 256 * 2 ** 20
-SLAB_BYTES_GPU = 2 * 2 ** 30
+STEP_BYTES_GPU = 4 * 2 ** 30
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# aten::convolution.out writes into a given tensor (absent from some older PyTorch builds).
+_CONV_OUT = getattr(getattr(torch.ops.aten, "convolution", None), "out", None)
 
 
 class CancelToken(Protocol):
@@ -45,8 +56,17 @@ class EngineOutput:
 @dataclass
 class _Layer:
     spec: LayerSpec
-    weight: torch.Tensor
+    weight: torch.Tensor          # BatchNorm folded, float32, (out, in, k, k, k)
     bias: torch.Tensor | None
+
+
+@dataclass
+class _Prepared:
+    """The layers on one device and dtype, hidden channels zero-padded to their run widths."""
+
+    weights: list[torch.Tensor]
+    biases: list[torch.Tensor | None]
+    widths: list[int]             # output channels of each layer as run
 
 
 def available_devices() -> dict[str, str | None]:
@@ -86,14 +106,40 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 convolutions run natively; elsewhere they are emulated and slow."""
+    check = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(f() for f in check if f is not None)
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, list[str]]:
+    """The precision to run and any warning. ``auto``: fp16 on CUDA, fp32 elsewhere (reproducible)."""
     if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
+        return ("fp16" if device.type == "cuda" else "fp32"), []
     if precision not in _PRECISIONS:
         raise DeviceError(f"unknown precision '{precision}' (use auto, fp32, fp16 or bf16)")
     if precision == "fp16" and device.type == "cpu":
         raise DeviceError("fp16 is not supported on the CPU; use fp32 or bf16")
-    return precision
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        return "fp32", ["this CPU has no native bf16 (AVX-512 BF16 or AMX); fp32 was used"]
+    return precision, []
+
+
+def padded_width(channels: int, device: torch.device) -> int:
+    """The channel count a hidden layer is run with (zero-padded; the network is unchanged).
+
+    CPU: oneDNN's 3D convolution is several times slower below 8 channels and gains from one
+    extra channel to reach a multiple of 8 below 24 (e.g. 15 -> 16); padding further costs more
+    arithmetic than it saves (measured with ``benchmarks/conv_widths.py``). GPU: multiples of 8,
+    the granularity of fp16 tensor cores.
+    """
+    if device.type != "cpu":
+        return -(-channels // 8) * 8
+    if channels < 8:
+        return 8
+    if channels % 8 == 7 and channels < 24:
+        return channels + 1
+    return channels
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -105,11 +151,12 @@ class Engine:
 
     def __init__(self, model: LoadedModel, device: str = "auto", precision: str = "auto") -> None:
         self.spec = model.spec
+        if self.spec.layers[-1].norm != "none":
+            raise ModelError("the last layer must be a plain convolution (the classifier)")
         self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
+        self.precision, self._warnings = resolve_precision(precision, self.device)
         self._layers = [self._fold(layer, params) for layer, params in zip(model.spec.layers, model.params)]
-        weights = [layer.macs_per_voxel for layer in model.spec.layers]
-        self._layer_share = [w / sum(weights) for w in weights]
+        self._prepared: dict[tuple, _Prepared] = {}
 
     def _fold(self, layer: LayerSpec, params) -> _Layer:
         weight = torch.from_numpy(np.asarray(params.weight, dtype=np.float32)).double()
@@ -121,13 +168,35 @@ class Engine:
             bias = beta + ((bias if bias is not None else 0.0) - mean) * scale
         return _Layer(layer, weight.float(), None if bias is None else bias.float())
 
+    def _prepare(self, device: torch.device, dtype: torch.dtype) -> _Prepared:
+        key = (device.type, device.index, dtype)
+        if key not in self._prepared:
+            last = len(self._layers) - 1
+            widths = [layer.spec.out_channels if i == last else padded_width(layer.spec.out_channels, device)
+                      for i, layer in enumerate(self._layers)]
+            weights, biases = [], []
+            for i, layer in enumerate(self._layers):
+                in_width = 1 if i == 0 else widths[i - 1]
+                k = layer.spec.kernel_size
+                weight = torch.zeros(widths[i], in_width, k, k, k)
+                weight[: layer.weight.shape[0], : layer.weight.shape[1]] = layer.weight
+                weights.append(weight.to(device=device, dtype=dtype))
+                if layer.bias is None:
+                    biases.append(None)
+                else:
+                    bias = torch.zeros(widths[i])
+                    bias[: layer.bias.shape[0]] = layer.bias
+                    biases.append(bias.to(device=device, dtype=dtype))
+            self._prepared[key] = _Prepared(weights, biases, widths)
+        return self._prepared[key]
+
     def run(self, volume: np.ndarray, *, probability_classes: Sequence[int] = (),
             progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> EngineOutput:
         """Segment a normalised (D, H, W) float32 array. Falls back to the CPU on GPU out-of-memory."""
         if volume.ndim != 3:
             raise ValueError(f"engine input must be 3D, got {volume.shape}")
         try:
-            return self._run(volume, self.device, self.precision, probability_classes, progress, cancel)
+            output = self._run(volume, self.device, self.precision, probability_classes, progress, cancel)
         except Exception as error:  # noqa: BLE001 - only out-of-memory on a GPU is retried
             if self.device.type == "cpu" or not _is_out_of_memory(error):
                 raise
@@ -135,108 +204,274 @@ class Engine:
                 torch.cuda.empty_cache()
             output = self._run(volume, torch.device("cpu"), "fp32", probability_classes, progress, cancel)
             output.warnings.append(f"{self.device} ran out of memory; the run was repeated on the CPU")
-            return output
+        output.warnings[:0] = self._warnings
+        return output
 
     @torch.inference_mode()
     def _run(self, volume: np.ndarray, device: torch.device, precision: str, probability_classes: Sequence[int],
              progress: ProgressCallback | None, cancel: CancelToken | None) -> EngineOutput:
         dtype = _PRECISIONS[precision]
+        prepared = self._prepare(device, dtype)
         x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
         x = x.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
-        done = 0.0
-        for index, layer in enumerate(self._layers[:-1]):
-            share = self._layer_share[index]
-            stage = f"layer {index + 1} of {len(self._layers)}"
-            x = self._conv_layer(x, layer, device, dtype, _Reporter(progress, cancel, done, share, stage))
-            done += share
-        labels, probabilities = self._classifier(
-            x, self._layers[-1], device, dtype, list(probability_classes),
-            _Reporter(progress, cancel, done, self._layer_share[-1], f"layer {len(self._layers)} of {len(self._layers)}"))
-        if progress is not None:
-            progress(1.0, "network done")
+        tracker = _Tracker(progress, cancel, [l.spec.macs_per_voxel for l in self._layers], volume.shape[0])
+        result = None
+        for start, stop in self._segments():
+            if self._layers[start].spec.norm == "group":
+                x = self._group_norm_layer(x, start, prepared, tracker)
+            else:
+                x, result = self._stream(x, start, stop, prepared, list(probability_classes), tracker)
+        labels, probabilities = result
+        tracker.done()
         return EngineOutput(labels, probabilities, str(device), precision)
 
-    def _slabs(self, channels: int, shape: Sequence[int], dtype: torch.dtype,
-               device: torch.device) -> list[tuple[int, int]]:
-        depth, height, width = shape
-        per_row = max(1, channels * height * width * torch.finfo(dtype).bits // 8)
-        budget = SLAB_BYTES_CPU if device.type == "cpu" else SLAB_BYTES_GPU
-        rows = int(max(1, min(depth, budget // per_row)))
-        return [(start, min(depth, start + rows)) for start in range(0, depth, rows)]
+    def _segments(self) -> list[tuple[int, int]]:
+        """Runs of streamable layers, with each GroupNorm layer as a segment of its own."""
+        segments, start = [], 0
+        for i, layer in enumerate(self._layers):
+            if layer.spec.norm == "group":
+                if start < i:
+                    segments.append((start, i))
+                segments.append((i, i + 1))
+                start = i + 1
+        if start < len(self._layers):
+            segments.append((start, len(self._layers)))
+        return segments
 
-    @staticmethod
-    def _slab_input(x: torch.Tensor, start: int, stop: int, pad: int) -> torch.Tensor:
-        depth = x.shape[2]
-        lo, hi = max(0, start - pad), min(depth, stop + pad)
-        piece = x[:, :, lo:hi]
-        if lo > start - pad or hi < stop + pad:
-            piece = F.pad(piece, (0, 0, 0, 0, lo - (start - pad), (stop + pad) - hi))
-        return piece
+    # ---------------------------------------------------------------- convolution helpers
+    def _conv_into(self, piece: torch.Tensor, index: int, prepared: _Prepared, out: torch.Tensor | None = None):
+        """Layer ``index`` on rows that include its halo; writes into ``out`` (a buffer view) if given.
 
-    def _conv(self, piece: torch.Tensor, layer: _Layer, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        weight = layer.weight.to(device=device, dtype=dtype)
-        bias = None if layer.bias is None else layer.bias.to(device=device, dtype=dtype)
-        pad = layer.spec.padding
-        return F.conv3d(piece, weight, bias, padding=(0, pad, pad), dilation=layer.spec.dilation)
-
-    def _conv_layer(self, x: torch.Tensor, layer: _Layer, device: torch.device, dtype: torch.dtype,
-                    report: "_Reporter") -> torch.Tensor:
-        spec = layer.spec
-        shape = x.shape[2:]
-        out = torch.empty((1, spec.out_channels, *shape), device=device, dtype=dtype,
-                          memory_format=torch.channels_last_3d)
-        slabs = self._slabs(max(spec.in_channels, spec.out_channels), shape, dtype, device)
-        group_norm = spec.norm == "group"
-        sums = torch.zeros(spec.out_channels, dtype=torch.float64, device=device)
-        squares = torch.zeros_like(sums)
-        passes = 2 if group_norm else 1
-        for step, (start, stop) in enumerate(slabs):
-            report.check()
-            y = self._conv(self._slab_input(x, start, stop, spec.padding), layer, device, dtype)
-            if group_norm:
-                # Channels-last memory is a (voxels, channels) matrix: two small matrix products give
-                # each channel's sum and sum of squares far faster than a strided reduction.
-                rows = y.permute(0, 2, 3, 4, 1).reshape(-1, spec.out_channels).float()
-                sums += (torch.ones(1, rows.shape[0], device=device) @ rows)[0].double()
-                squares += torch.diagonal(rows.T @ rows).double()
-            else:
-                _activate_(y, spec.activation)
-            out[:, :, start:stop] = y
-            del y
-            report((step + 1) / (len(slabs) * passes))
-        del x
-        if group_norm:
-            count = float(np.prod(shape))
-            mean = sums / count
-            inv_std = torch.rsqrt((squares / count - mean * mean).clamp_min(0.0) + self.spec.norm_eps)
-            mean_t = mean.to(dtype).view(1, -1, 1, 1, 1)
-            inv_t = inv_std.to(dtype).view(1, -1, 1, 1, 1)
-            for step, (start, stop) in enumerate(slabs):
-                report.check()
-                piece = out[:, :, start:stop]
-                piece.sub_(mean_t).mul_(inv_t)
-                _activate_(piece, spec.activation)
-                report((len(slabs) + step + 1) / (2 * len(slabs)))
+        Writing into the destination saves a copy and, more importantly on the CPU, a fresh
+        allocation whose pages would be faulted in again for every slab.
+        """
+        spec = self._layers[index].spec
+        pad = spec.padding
+        if out is not None and _CONV_OUT is not None:
+            _CONV_OUT(piece, prepared.weights[index], prepared.biases[index], [1, 1, 1], [0, pad, pad],
+                      [spec.dilation] * 3, False, [0, 0, 0], 1, out=out)
+            return out
+        y = F.conv3d(piece, prepared.weights[index], prepared.biases[index], padding=(0, pad, pad),
+                     dilation=spec.dilation)
+        if out is None:
+            return y
+        out.copy_(y)
         return out
 
-    def _classifier(self, x: torch.Tensor, layer: _Layer, device: torch.device, dtype: torch.dtype,
-                    probability_classes: list[int], report: "_Reporter") -> tuple[np.ndarray, np.ndarray | None]:
-        spec = layer.spec
-        shape = tuple(x.shape[2:])
-        label_dtype = np.uint8 if spec.out_channels <= 256 else np.int16
-        labels = np.empty(shape, dtype=label_dtype)
-        probabilities = np.empty((len(probability_classes), *shape), np.float32) if probability_classes else None
-        slabs = self._slabs(max(spec.in_channels, spec.out_channels), shape, dtype, device)
-        for step, (start, stop) in enumerate(slabs):
-            report.check()
-            logits = self._conv(self._slab_input(x, start, stop, spec.padding), layer, device, dtype).float()
-            _activate_(logits, spec.activation)
-            labels[start:stop] = logits.argmax(dim=1)[0].to(torch.int16).cpu().numpy().astype(label_dtype)
+    def _conv_whole(self, x: torch.Tensor, lo: int, hi: int, index: int, prepared: _Prepared,
+                    out: torch.Tensor) -> None:
+        """Rows [lo, hi) of layer ``index`` from a whole input; the volume's ends are zero rows.
+
+        At the two ends the convolution pads the first axis itself and the extra rows it computed
+        are dropped (at most ``padding`` rows, once per end).
+        """
+        spec = self._layers[index].spec
+        pad = spec.padding
+        depth = x.shape[2]
+        a, b = max(lo - pad, 0), min(hi + pad, depth)
+        if a == lo - pad and b == hi + pad:
+            self._conv_into(x[:, :, a:b], index, prepared, out)
+            return
+        y = F.conv3d(x[:, :, a:b], prepared.weights[index], prepared.biases[index], padding=pad,
+                     dilation=spec.dilation)
+        out.copy_(y[:, :, lo - a:hi - a])
+
+    @staticmethod
+    def _rows(bytes_per_step: int, channels: int, shape: Sequence[int], dtype: torch.dtype) -> int:
+        depth, height, width = shape
+        per_row = channels * height * width * torch.finfo(dtype).bits // 8
+        return int(max(1, min(depth, bytes_per_step // max(per_row, 1))))
+
+    # ---------------------------------------------------------------- streamed segments
+    def _stream(self, x: torch.Tensor, start: int, stop: int, prepared: _Prepared, probability_classes: list[int],
+                tracker: "_Tracker") -> tuple[torch.Tensor | None, tuple | None]:
+        """Run layers [start, stop) as a wavefront over rows of the first axis.
+
+        Layer j computes up to ``step`` new rows once its input holds them plus its padding, and
+        never more than layer j+1 will read next (``step + padding(j+1)`` rows past layer j+1's
+        position); so each window holds at most ``2·padding(j+1) + step`` rows. Windows begin and
+        end with ``padding(j+1)`` zero rows, so every read is a plain view of the buffer.
+        """
+        depth, height, width = x.shape[2:]
+        final = stop == len(self._layers)
+        count = stop - start
+        pads = [self._layers[start + j].spec.padding for j in range(count)]
+        widest = max(prepared.widths[start:stop])
+        budget = STEP_BYTES_CPU if x.device.type == "cpu" else STEP_BYTES_GPU
+        step = self._rows(budget, widest, (depth, height, width), x.dtype)
+        source = _Window.holding(x, pads[0])
+        windows = [_Window(prepared.widths[start + j], pads[j + 1], 2 * pads[j + 1] + step, (depth, height, width), x)
+                   for j in range(count - 1)]
+        out = labels = probabilities = None
+        if final:
+            classes = self._layers[-1].spec.out_channels
+            labels = np.empty((depth, height, width), dtype=np.uint8 if classes <= 256 else np.int16)
+            if probability_classes:
+                probabilities = np.empty((len(probability_classes), depth, height, width), np.float32)
+        else:
+            out = torch.empty((1, prepared.widths[stop - 1], depth, height, width), device=x.device, dtype=x.dtype,
+                              memory_format=torch.channels_last_3d)
+        produced = [0] * count
+        while produced[-1] < depth:
+            advanced = False
+            for j in range(count):
+                target = min(depth, produced[j] + step)
+                if j < count - 1:  # no further than the next layer will read next
+                    target = min(target, produced[j + 1] + step + pads[j + 1])
+                if target <= produced[j]:
+                    continue
+                available = depth if j == 0 else produced[j - 1]
+                if available < min(depth, target + pads[j]):
+                    continue
+                tracker.check()
+                feed = source if j == 0 else windows[j - 1]
+                piece = feed.rows(produced[j] - pads[j], target + pads[j])
+                spec = self._layers[start + j].spec
+                if j < count - 1:
+                    y = self._conv_into(piece, start + j, prepared, windows[j].reserve(target - produced[j]))
+                    _activate_(y, spec.activation)
+                    windows[j].commit(target - produced[j], finished=target == depth)
+                elif final:
+                    self._classify(piece, start + j, prepared, probability_classes, labels, probabilities,
+                                   produced[j], target)
+                else:
+                    y = self._conv_into(piece, start + j, prepared, out[:, :, produced[j]:target])
+                    _activate_(y, spec.activation)
+                if j > 0:
+                    windows[j - 1].discard_below(target - pads[j])
+                tracker.advance(start + j, target - produced[j])
+                produced[j] = target
+                advanced = True
+            if not advanced:
+                raise RuntimeError("streaming scheduler made no progress")  # a bug, not a user error
+        return out, ((labels, probabilities) if final else None)
+
+    def _classify(self, piece: torch.Tensor, index: int, prepared: _Prepared, probability_classes: list[int],
+                  labels: np.ndarray, probabilities: np.ndarray | None, lo: int, hi: int) -> None:
+        """The classifier on rows [lo, hi), straight to labels (and probabilities).
+
+        A 1×1×1 classifier on channels-last rows is one (voxels × channels) @ (channels × classes)
+        matrix product; PyTorch's 3D convolution would take its slow im2col path for so few output
+        channels. With two classes, argmax is ``l1 > l0`` and softmax is ``sigmoid(l1 - l0)``.
+        """
+        spec = self._layers[index].spec
+        if spec.kernel_size == 1 and piece.is_contiguous(memory_format=torch.channels_last_3d):
+            channels = piece.shape[1]
+            matrix = piece.permute(0, 2, 3, 4, 1).reshape(-1, channels)
+            logits = torch.addmm(prepared.biases[index], matrix, prepared.weights[index].view(-1, channels).T) \
+                if prepared.biases[index] is not None else matrix @ prepared.weights[index].view(-1, channels).T
+            logits = logits.float()
+        else:
+            logits = self._conv_into(piece, index, prepared).float().permute(0, 2, 3, 4, 1).reshape(-1, spec.out_channels)
+        _activate_(logits, spec.activation)
+        shape = (hi - lo, *labels.shape[1:])
+        if logits.shape[1] == 2:
+            margin = logits[:, 1] - logits[:, 0]
+            labels[lo:hi] = (margin > 0).view(shape).cpu().numpy()
             if probabilities is not None:
-                soft = torch.softmax(logits, dim=1)[0, probability_classes]
-                probabilities[:, start:stop] = soft.cpu().numpy()
-            report((step + 1) / len(slabs))
-        return labels, probabilities
+                pair = torch.stack((-margin, margin), dim=1).sigmoid_()
+                probabilities[:, lo:hi] = pair[:, probability_classes].T.reshape(-1, *shape).cpu().numpy()
+            return
+        labels[lo:hi] = logits.argmax(dim=1).view(shape).to(torch.int16).cpu().numpy().astype(labels.dtype)
+        if probabilities is not None:
+            probabilities[:, lo:hi] = torch.softmax(logits, dim=1)[:, probability_classes].T.reshape(-1, *shape).cpu().numpy()
+
+    # ---------------------------------------------------------------- GroupNorm layers (barriers)
+    def _group_norm_layer(self, x: torch.Tensor, index: int, prepared: _Prepared, tracker: "_Tracker") -> torch.Tensor:
+        """Whole-volume GroupNorm (one group per channel, no affine): conv + statistics, then normalise."""
+        spec = self._layers[index].spec
+        depth, height, width = x.shape[2:]
+        channels = prepared.widths[index]
+        out = torch.empty((1, channels, depth, height, width), device=x.device, dtype=x.dtype,
+                          memory_format=torch.channels_last_3d)
+        budget = SLAB_BYTES_CPU if x.device.type == "cpu" else STEP_BYTES_GPU
+        rows = self._rows(budget, max(channels, x.shape[1]), (depth, height, width), x.dtype)
+        slabs = [(lo, min(depth, lo + rows)) for lo in range(0, depth, rows)]
+        sums = torch.zeros(channels, dtype=torch.float64, device=x.device)
+        squares = torch.zeros_like(sums)
+        for lo, hi in slabs:
+            tracker.check()
+            y = out[:, :, lo:hi]
+            self._conv_whole(x, lo, hi, index, prepared, y)
+            # Channels-last memory is a (voxels, channels) matrix: two small matrix products give
+            # each channel's sum and sum of squares far faster than a strided reduction.
+            matrix = y.permute(0, 2, 3, 4, 1).reshape(-1, channels).float()
+            sums += (torch.ones(1, matrix.shape[0], device=x.device) @ matrix)[0].double()
+            squares += torch.diagonal(matrix.T @ matrix).double()
+            del y, matrix
+            tracker.advance(index, (hi - lo) / 2)
+        del x
+        count = float(depth * height * width)
+        mean = sums / count
+        inv_std = torch.rsqrt((squares / count - mean * mean).clamp_min(0.0) + self.spec.norm_eps)
+        mean_t = mean.to(out.dtype).view(1, -1, 1, 1, 1)
+        inv_t = inv_std.to(out.dtype).view(1, -1, 1, 1, 1)
+        for lo, hi in slabs:
+            tracker.check()
+            piece = out[:, :, lo:hi]
+            piece.sub_(mean_t).mul_(inv_t)
+            _activate_(piece, spec.activation)
+            tracker.advance(index, (hi - lo) / 2)
+        return out
+
+
+class _Window:
+    """Rows of one layer's output, with ``pad`` zero rows before row 0 and after the last row.
+
+    New rows are written in place at the end of the buffer (:meth:`reserve` / :meth:`commit`);
+    when the buffer is full, the rows still needed move to its front (one copy per ``slack``
+    rows written). A read is always a view.
+    """
+
+    def __init__(self, channels: int, pad: int, needed: int, shape: tuple[int, int, int], like: torch.Tensor) -> None:
+        self.depth, self.pad = shape[0], pad
+        self.capacity = needed + max(needed // 2, 1)
+        self.buffer = torch.empty((1, channels, self.capacity, *shape[1:]), device=like.device, dtype=like.dtype,
+                                  memory_format=torch.channels_last_3d)
+        self.first, self.offset, self.count = -pad, 0, pad
+        self.buffer[:, :, :pad] = 0
+
+    @classmethod
+    def holding(cls, tensor: torch.Tensor, pad: int) -> "_Window":
+        """A window over a whole tensor (copied once, with its zero rows)."""
+        window = cls.__new__(cls)
+        window.depth, window.pad = tensor.shape[2], pad
+        window.buffer = F.pad(tensor, (0, 0, 0, 0, pad, pad)).contiguous(memory_format=torch.channels_last_3d) \
+            if pad else tensor
+        window.capacity = window.count = window.depth + 2 * pad
+        window.first, window.offset = -pad, 0
+        return window
+
+    def reserve(self, n: int) -> torch.Tensor:
+        """The buffer view that the next ``n`` rows are written into."""
+        if self.count + n + self.pad > self.capacity:
+            raise RuntimeError("streaming window overflow")  # a bug, not a user error
+        if self.offset + self.count + n + self.pad > self.capacity:
+            # Move the kept rows to the front in pieces no longer than the gap, so that no piece
+            # overlaps its source (one copy, no temporary).
+            gap = self.offset
+            for lo in range(0, self.count, gap):
+                hi = min(lo + gap, self.count)
+                self.buffer[:, :, lo:hi] = self.buffer[:, :, self.offset + lo:self.offset + hi]
+            self.offset = 0
+        return self.buffer[:, :, self.offset + self.count:self.offset + self.count + n]
+
+    def commit(self, n: int, finished: bool) -> None:
+        self.count += n
+        if finished and self.pad:  # the zero rows after the last row
+            self.buffer[:, :, self.offset + self.count:self.offset + self.count + self.pad] = 0
+            self.count += self.pad
+
+    def discard_below(self, row: int) -> None:
+        drop = min(max(0, row - self.first), self.count)
+        self.first += drop
+        self.offset += drop
+        self.count -= drop
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        if lo < self.first or hi > self.first + self.count:
+            raise RuntimeError("streaming window lacks rows it was asked for")  # a bug, not a user error
+        return self.buffer[:, :, self.offset + lo - self.first:self.offset + hi - self.first]
 
 
 def _activate_(t: torch.Tensor, activation: str) -> None:
@@ -248,17 +483,25 @@ def _activate_(t: torch.Tensor, activation: str) -> None:
         t.copy_(F.gelu(t))  # torch has no in-place GELU
 
 
-class _Reporter:
-    """Maps a layer's own 0..1 progress into the run's and checks for cancellation."""
+class _Tracker:
+    """Progress as the share of multiply-accumulates done (per layer and rows), and cancellation."""
 
-    def __init__(self, progress: ProgressCallback | None, cancel: CancelToken | None, start: float, share: float,
-                 stage: str) -> None:
-        self.progress, self.cancel, self.start, self.share, self.stage = progress, cancel, start, share, stage
+    def __init__(self, progress: ProgressCallback | None, cancel: CancelToken | None, macs: list[int],
+                 depth: int) -> None:
+        self.progress, self.cancel, self.macs, self.depth = progress, cancel, macs, depth
+        self.total = float(sum(macs) * depth)
+        self.done_macs = 0.0
+        self.layers = len(macs)
 
     def check(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("segmentation was cancelled")
 
-    def __call__(self, fraction: float) -> None:
+    def advance(self, layer: int, rows: float) -> None:
+        self.done_macs += self.macs[layer] * rows
         if self.progress is not None:
-            self.progress(min(1.0, self.start + self.share * fraction), self.stage)
+            self.progress(min(1.0, self.done_macs / self.total), f"layer {layer + 1} of {self.layers}")
+
+    def done(self) -> None:
+        if self.progress is not None:
+            self.progress(1.0, "network done")

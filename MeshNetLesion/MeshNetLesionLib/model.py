@@ -108,6 +108,21 @@ class MeshNet(nn.Module):
                                       batch_norm))
         return LoadedModel(self.spec, params)
 
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel) -> "MeshNet":
+        """A module holding a :class:`LoadedModel`'s weights (to fine-tune it, or as a plain PyTorch reference)."""
+        module = cls(loaded.spec)
+        with torch.no_grad():
+            for block, params in zip(module.layers, loaded.params):
+                block.conv.weight.copy_(torch.from_numpy(np.asarray(params.weight, np.float32)))
+                if params.bias is not None:
+                    block.conv.bias.copy_(torch.from_numpy(np.asarray(params.bias, np.float32)))
+                if params.batch_norm is not None:
+                    for tensor, values in zip((block.norm.weight, block.norm.bias, block.norm.running_mean,
+                                               block.norm.running_var), params.batch_norm):
+                        tensor.copy_(torch.from_numpy(np.asarray(values, np.float32)))
+        return module
+
     def save(self, path: str | Path) -> None:
         """Write weights and spec into one safetensors file (the spec sits in its metadata)."""
         from safetensors.torch import save_file

@@ -29,8 +29,9 @@ def _random_batchnorm(model: MeshNet, seed: int) -> MeshNet:
 
 @pytest.fixture
 def small_slabs(monkeypatch):
-    """Force many slabs so halo handling and per-slab statistics are exercised on small inputs."""
+    """Force many slabs and streaming steps, so halos, windows and per-slab statistics are exercised."""
     monkeypatch.setattr(engine_module, "SLAB_BYTES_CPU", 4096)
+    monkeypatch.setattr(engine_module, "STEP_BYTES_CPU", 4096)
 
 
 def _naive(model: MeshNet, x: np.ndarray) -> torch.Tensor:
@@ -38,11 +39,12 @@ def _naive(model: MeshNet, x: np.ndarray) -> torch.Tensor:
         return torch.softmax(model(torch.from_numpy(x)[None, None]), dim=1)[0]
 
 
-def test_engine_matches_naive_pytorch_with_folded_batchnorm(small_slabs):
-    model = _random_batchnorm(build_meshnet(6, num_classes=3), seed=3)
+@pytest.mark.parametrize("classes", [2, 3])  # two classes take the sigmoid shortcut
+def test_engine_matches_naive_pytorch_with_folded_batchnorm(small_slabs, classes):
+    model = _random_batchnorm(build_meshnet(6, num_classes=classes), seed=3)
     x = np.random.default_rng(0).random((37, 29, 23), dtype=np.float32)
     expected = _naive(model, x)
-    out = Engine(model.to_loaded(), "cpu").run(x, probability_classes=[0, 1, 2])
+    out = Engine(model.to_loaded(), "cpu").run(x, probability_classes=list(range(classes)))
     np.testing.assert_allclose(out.probabilities, expected.numpy(), atol=1e-4)  # folding reorders rounding
     agree = (out.labels == expected.argmax(0).numpy()).mean()
     assert agree > 0.999
@@ -125,10 +127,28 @@ def test_out_of_memory_on_gpu_retries_on_cpu(monkeypatch):
     assert "out of memory" in out.warnings[0]
 
 
-def test_bf16_on_cpu_agrees_with_fp32():
+def test_bf16_runs_where_the_cpu_has_it_and_agrees_with_fp32():
     model = _random_batchnorm(build_meshnet(4), seed=5)
     x = np.random.default_rng(3).random((24, 20, 16), dtype=np.float32)
     fp32 = Engine(model.to_loaded(), "cpu", "fp32").run(x, probability_classes=[1])
-    bf16 = Engine(model.to_loaded(), "cpu", "bf16").run(x, probability_classes=[1])
+    requested = Engine(model.to_loaded(), "cpu", "bf16").run(x, probability_classes=[1])
+    if engine_module.cpu_has_native_bf16():
+        assert requested.precision == "bf16" and not requested.warnings
+    else:
+        assert requested.precision == "fp32" and "no native bf16" in requested.warnings[0]
+    # the bf16 path itself (emulated on CPUs without bf16 units; small input, so still quick)
+    engine = Engine(model.to_loaded(), "cpu", "fp32")
+    bf16 = engine._run(x, torch.device("cpu"), "bf16", [1], None, None)
     assert bf16.precision == "bf16"
     assert np.abs(bf16.probabilities - fp32.probabilities).max() < 0.1
+
+
+def test_hidden_channels_are_padded_without_changing_the_network():
+    model = _random_batchnorm(build_meshnet(5), seed=6)
+    engine = Engine(model.to_loaded(), "cpu")
+    prepared = engine._prepare(torch.device("cpu"), torch.float32)
+    assert prepared.widths == [8] * 9 + [2]  # 5 -> 8 on the CPU
+    assert torch.count_nonzero(prepared.weights[1][5:]) == 0 and torch.count_nonzero(prepared.weights[1][:, 5:]) == 0
+    x = np.random.default_rng(4).random((20, 18, 16), dtype=np.float32)
+    np.testing.assert_allclose(engine.run(x, probability_classes=[1]).probabilities[0],
+                               _naive(model, x)[1].numpy(), atol=1e-4)

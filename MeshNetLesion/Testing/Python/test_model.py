@@ -62,6 +62,23 @@ def _files(registry, entry_id):
     return registry.fetch(entry_id)
 
 
+def test_module_from_loaded_weights_is_the_same_network(registry):
+    """The ARC-trained T2lesion weights in a PyTorch module (for fine-tuning) give the same logits."""
+    loaded = registry.load("t2lesion-meshnet11")
+    module = MeshNet.from_loaded(loaded).eval()
+    again = module.to_loaded()
+    for a, b in zip(loaded.params, again.params):
+        np.testing.assert_array_equal(a.weight, b.weight)
+        np.testing.assert_array_equal(a.bias, b.bias)
+    trained = build_meshnet(5).train()
+    with torch.no_grad():
+        trained(torch.rand(2, 1, 12, 12, 12))  # moves the BatchNorm running statistics
+    copy = MeshNet.from_loaded(trained.to_loaded()).eval()
+    x = torch.rand(1, 1, 10, 11, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(copy(x), trained.eval()(x), rtol=0, atol=0)
+
+
 def test_reads_tfjs_t2lesion(registry):
     loaded = load_model_files(_files(registry, "t2lesion-meshnet11"))
     spec = loaded.spec
