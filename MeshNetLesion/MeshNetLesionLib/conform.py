@@ -18,7 +18,10 @@ The inverse (:func:`to_source`) resamples conformed labels or probabilities onto
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -30,6 +33,22 @@ LIA_DIRECTIONS = np.array([[-1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
 F_HIGH = np.float32(0.98)
 HISTOGRAM_BINS = 1000
 _SLAB = 16  # output slices resampled at a time (bounds the temporary arrays to a few MB)
+
+
+def _workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _in_slabs(count: int, step: int, work: Callable[[int, int], None]) -> None:
+    """Run ``work(start, stop)`` over ``range(count)`` in slabs on all cores.
+
+    numpy and scipy.ndimage release the GIL inside these loops and each slab writes its own part
+    of the output, so threads give the same bytes as one loop, about twice as fast on 2 cores.
+    """
+    starts = range(0, count, step)
+    with ThreadPoolExecutor(max_workers=min(_workers(), len(starts))) as pool:
+        for done in [pool.submit(work, start, min(start + step, count)) for start in starts]:
+            done.result()
 
 
 @dataclass(frozen=True)
@@ -62,7 +81,7 @@ def conform(volume: Volume) -> Conformed:
 def scale_intensities(array: np.ndarray) -> np.ndarray:
     """niimath's robust 0..255 scaling (``f_high`` = 0.98) in float32; returns a new array."""
     img = np.array(array, dtype=np.float32, copy=True)
-    flat = img.reshape(-1)
+    flat = img.ravel(order="K")  # a view whatever the memory order (the statistics ignore it)
     voxels = flat.size
     src_min = np.float32(flat.min())
     src_max = np.float32(flat.max())
@@ -113,8 +132,9 @@ def _reslice_linear(img: np.ndarray, src_affine: np.ndarray, out_affine: np.ndar
     x = np.arange(SHAPE[0], dtype=np.float32)
     y = np.arange(SHAPE[1], dtype=np.float32)[:, None]
     one = np.float32(1.0)
-    for z0 in range(0, SHAPE[2], _SLAB):
-        z = np.arange(z0, min(z0 + _SLAB, SHAPE[2]), dtype=np.float32)[:, None, None]
+
+    def slab(z0: int, z1: int) -> None:
+        z = np.arange(z0, z1, dtype=np.float32)[:, None, None]
         coords = []
         for row in range(3):
             yz = (y * m[row, 1] + z * m[row, 2]) + m[row, 3]
@@ -137,8 +157,9 @@ def _reslice_linear(img: np.ndarray, src_affine: np.ndarray, out_affine: np.ndar
         value += source[base + sx + sz] * dx * wy0 * dz
         value += source[base + sx + sy] * dx * dy * wz0
         value += source[base + sx + sy + sz] * dx * dy * dz
-        value = np.where(inside, value, fill)
-        out[z0:z0 + value.shape[0]] = _round_to_uint8(value)
+        out[z0:z1] = _round_to_uint8(np.where(inside, value, fill))
+
+    _in_slabs(SHAPE[2], _SLAB, slab)
     return out.transpose(2, 1, 0)  # (i, j, k) view
 
 
@@ -179,7 +200,14 @@ def to_source(conformed_values: np.ndarray, conformed: Conformed, *, order: int,
     from scipy import ndimage
 
     matrix = conformed.source_to_conformed
-    return ndimage.affine_transform(
-        conformed_values, matrix[:3, :3], offset=matrix[:3, 3], output_shape=conformed.source_shape,
-        output=output if output is not None else conformed_values.dtype, order=order, mode="constant",
-        cval=0.0, prefilter=False)
+    if output is None:
+        output = np.empty(conformed.source_shape, conformed_values.dtype)
+
+    def slab(i0: int, i1: int) -> None:  # source rows i0..i1: the same transform, offset by i0 rows
+        ndimage.affine_transform(
+            conformed_values, matrix[:3, :3], offset=matrix[:3, 3] + matrix[:3, 0] * i0,
+            output_shape=output[i0:i1].shape, output=output[i0:i1], order=order, mode="constant", cval=0.0,
+            prefilter=False)
+
+    _in_slabs(conformed.source_shape[0], max(1, -(-conformed.source_shape[0] // (4 * _workers()))), slab)
+    return output
