@@ -38,6 +38,12 @@ STEP_BYTES_GPU = 4 * 2 ** 30
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # aten::convolution.out writes into a given tensor (absent from some older PyTorch builds).
 _CONV_OUT = getattr(getattr(torch.ops.aten, "convolution", None), "out", None)
+_MKLDNN_CONV = getattr(torch.ops.aten, "mkldnn_convolution", None) if torch.backends.mkldnn.is_available() else None
+# PyTorch sends a CPU float convolution to its slow reference kernels (slow_conv3d,
+# slow_conv_dilated3d) when N·C·D·H ≤ 20480 — "for some case, native is faster" in
+# aten/src/ATen/native/Convolution.cpp. For our thin slabs (8 channels, 10 rows of 256, or the
+# 1-channel input) oneDNN is 3–40× faster, so such pieces call it directly.
+_SLOW_PATH_LIMIT = 20480
 
 
 class CancelToken(Protocol):
@@ -247,6 +253,14 @@ class Engine:
         """
         spec = self._layers[index].spec
         pad = spec.padding
+        if (_MKLDNN_CONV is not None and piece.device.type == "cpu" and piece.dtype == torch.float32
+                and piece.shape[0] * piece.shape[1] * piece.shape[2] * piece.shape[3] <= _SLOW_PATH_LIMIT):
+            y = _MKLDNN_CONV(piece, prepared.weights[index], prepared.biases[index], [0, pad, pad], [1, 1, 1],
+                             [spec.dilation] * 3, 1)
+            if out is None:
+                return y
+            out.copy_(y)
+            return out
         if out is not None and _CONV_OUT is not None:
             _CONV_OUT(piece, prepared.weights[index], prepared.biases[index], [1, 1, 1], [0, pad, pad],
                       [spec.dilation] * 3, False, [0, 0, 0], 1, out=out)
