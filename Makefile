@@ -9,8 +9,11 @@ TORCH ?= torch==2.13.0
 MESHNET_LESION_MIRROR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export MESHNET_LESION_MIRROR
 DEMO_DIR ?= demo-output
+# The performance benchmark also needs MONAI (the paper's baselines) and brainchop-cli 0.2.5 in a
+# venv of its own (tinygrad; its CPU backend compiles kernels with clang).
+BRAINCHOP_VENV ?= .venv-brainchop
 
-.PHONY: test demo env clean
+.PHONY: test demo env bench clean
 
 env: $(VENV)/.installed
 
@@ -31,5 +34,18 @@ demo: env
 	    --preview $(DEMO_DIR)/M2265_preview.png
 	@echo "wrote $(DEMO_DIR)/M2265_lesion.nii.gz, M2265_report.json and M2265_preview.png"
 
+bench: $(VENV)/.bench $(BRAINCHOP_VENV)/.installed
+	$(BIN)/python benchmarks/performance.py
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[test,preview,bench]"
+	touch $@
+
+$(BRAINCHOP_VENV)/.installed:
+	@command -v clang >/dev/null || echo "warning: no clang; brainchop will be skipped (apt-get install clang)"
+	$(PYTHON) -m venv $(BRAINCHOP_VENV)
+	$(BRAINCHOP_VENV)/bin/python -m pip install --quiet brainchop==0.2.5
+	touch $@
+
 clean:
-	rm -rf $(VENV) $(DEMO_DIR)
+	rm -rf $(VENV) $(BRAINCHOP_VENV) $(DEMO_DIR) benchmarks/.work
