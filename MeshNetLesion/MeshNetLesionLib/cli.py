@@ -88,6 +88,27 @@ def _parser() -> argparse.ArgumentParser:
     remove.set_defaults(handler=_models_remove)
     clear = actions.add_parser("clear-cache", help="delete all downloaded files (imported models stay)")
     clear.set_defaults(handler=_models_clear)
+
+    evaluate = commands.add_parser("evaluate", help="score models on image,mask pairs (Dice, AVD, MCC; paired tests)")
+    evaluate.add_argument("pairs", type=Path, help="CSV with image,mask rows")
+    evaluate.add_argument("--model", dest="models", action="append", help="registry id (repeat to compare models)")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--no-brain-mask", dest="brain_mask", action="store_false", default=None)
+    evaluate.add_argument("--report", type=Path, help="write per-subject scores and the tests as JSON")
+    evaluate.set_defaults(handler=_evaluate)
+
+    trainer = commands.add_parser("train", help="train a MeshNet lesion model (the paper's recipe by default)")
+    trainer.add_argument("pairs", type=Path, help="CSV with image,mask rows for training")
+    trainer.add_argument("-o", "--output", required=True, type=Path, help="the .safetensors file to write")
+    trainer.add_argument("--validation", type=Path, help="CSV of validation pairs (the best restart is kept)")
+    trainer.add_argument("--channels", type=int, default=16)
+    trainer.add_argument("--epochs", type=int, default=50)
+    trainer.add_argument("--restarts", type=int, default=1, help="independent runs; the paper used 10")
+    trainer.add_argument("--lr", type=float, default=1e-3)
+    trainer.add_argument("--crop", type=int, help="train on random crops of this edge (e.g. 128 on a CPU)")
+    trainer.add_argument("--device", default="auto")
+    trainer.add_argument("--seed", type=int, default=0)
+    trainer.set_defaults(handler=_train)
     return parser
 
 
@@ -279,6 +300,62 @@ def _models_clear(args: argparse.Namespace) -> int:
     registry = _registry()
     registry.clear_cache()
     print(f"cleared {registry.cache_dir / 'files'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- evaluate / train
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .dataset import mask_on_source, read_pairs
+    from .metrics import compare_models, scores
+    from .pipeline import Segmenter
+    from .volume import load_volume
+
+    pairs = read_pairs(args.pairs)
+    registry = _registry()
+    models = args.models or [registry.default_model().id]
+    report: dict = {"pairs": str(args.pairs), "models": {}}
+    for model_id in models:
+        segmenter = Segmenter(model_id, registry=registry, device=args.device, brain_mask=args.brain_mask)
+        rows = []
+        for image_path, mask_path in pairs:
+            image = load_volume(image_path)
+            truth = mask_on_source(load_volume(mask_path), image, str(mask_path))
+            result = segmenter.segment(image)
+            voxel_ml = abs(float(np.linalg.det(image.affine[:3, :3]))) / 1000.0
+            rows.append({"image": str(image_path), **scores(result.labels > 0, truth, voxel_ml)})
+            print(f"{model_id}  {image_path.name}: Dice {rows[-1]['dice']:.3f}, AVD {rows[-1]['avd']:.3f}, "
+                  f"MCC {rows[-1]['mcc']:.3f}")
+        summary = {k: float(np.nanmean([r[k] for r in rows])) for k in ("dice", "avd", "mcc")}
+        report["models"][model_id] = {"subjects": rows, "mean": summary}
+        print(f"{model_id}: mean Dice {summary['dice']:.3f}, AVD {summary['avd']:.3f}, MCC {summary['mcc']:.3f}")
+    if len(models) > 1 and len(pairs) > 1:
+        report["wilcoxon_holm_dice"] = compare_models(
+            {m: [r["dice"] for r in report["models"][m]["subjects"]] for m in models})
+        for row in report["wilcoxon_holm_dice"]:
+            print(f"{row['a']} vs {row['b']}: median Dice difference {row['median_difference']:+.3f}, "
+                  f"Holm-corrected p {row['p_holm']:.3g}")
+    if args.report:
+        print(f"wrote {_write_json(args.report, report)}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .dataset import load_training_pair, random_crops, read_pairs
+    from .training import TrainConfig, save_checkpoint, train
+
+    if args.output.suffix != ".safetensors":
+        raise InputError("the output must be a .safetensors file")
+    config = TrainConfig(channels=args.channels, epochs=args.epochs, restarts=args.restarts, lr=args.lr,
+                         device=args.device, seed=args.seed)
+    samples = [load_training_pair(*pair) for pair in read_pairs(args.pairs)]
+    validation = [load_training_pair(*pair) for pair in read_pairs(args.validation)] if args.validation else []
+    model, history = train(lambda epoch: random_crops(samples, args.crop, args.seed * 100_003 + epoch),
+                           len(samples), config, validation, progress=print)
+    save_checkpoint(model, args.output, history)
+    print(f"wrote {args.output} (import it with: meshnet-lesion models import FOLDER)")
     return 0
 
 

@@ -1,0 +1,140 @@
+"""Training recipe, folds and metrics: each checked against numbers worked out by hand."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from MeshNetLesionLib import MeshNet
+from MeshNetLesionLib.folds import VOLUME_CUT_POINTS, nested_folds, volume_stratum
+from MeshNetLesionLib.metrics import (average_volume_difference, compare_models, dice, holm, matthews,
+                                      volume_difference_ml)
+from MeshNetLesionLib.training import (TrainConfig, make_loss, make_optimizer, make_scheduler, read_training_record,
+                                       save_checkpoint, train)
+
+
+# ------------------------------------------------------------------ loss
+def test_loss_uses_the_class_weights_and_label_smoothing_of_the_recipe():
+    config = TrainConfig()
+    assert (config.background_weight, config.label_smoothing) == (0.5, 0.01)
+    logits = torch.tensor([[2.0, -1.0], [0.5, 1.5], [-0.3, 0.2]])        # three voxels, two classes
+    target = torch.tensor([0, 1, 1])
+    nll = -torch.log_softmax(logits, dim=1)
+    weights = torch.tensor([0.5, 1.0])
+    eps = 0.01
+    # PyTorch's definition: (1 − ε)·w_y·nll_y + ε/C·Σ_c w_c·nll_c, summed, divided by Σ w_y
+    per_voxel = [(1 - eps) * weights[t] * nll[i, t] + eps / 2 * (weights * nll[i]).sum() for i, t in enumerate(target)]
+    expected = sum(per_voxel) / weights[target].sum()
+    assert make_loss(config)(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+
+    plain = make_loss(TrainConfig(label_smoothing=0.0))(logits, target).item()
+    assert plain == pytest.approx(((0.5 * nll[0, 0] + nll[1, 1] + nll[2, 1]) / 2.5).item(), rel=1e-6)
+
+
+def test_optimizer_and_one_cycle_schedule_follow_the_recipe():
+    config = TrainConfig()
+    model = torch.nn.Linear(2, 2)
+    optimizer = make_optimizer(model, config)
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"], group["eps"]) == (1e-3, 3e-5, 1e-4)
+    scheduler = make_scheduler(optimizer, config, total_steps=1000)
+    rates = []
+    for _ in range(1000):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(1e-5)                       # starts at lr / 100
+    peak = int(np.argmax(rates))
+    assert peak == pytest.approx(10, abs=1) and rates[peak] == pytest.approx(1e-3)   # 1 % warm-up
+    assert all(b <= a for a, b in zip(rates[peak:], rates[peak + 1:]))             # then anneals
+    assert rates[-1] < 1e-6
+
+
+# ------------------------------------------------------------------ folds
+def test_every_fold_covers_every_lesion_size_stratum_and_both_acquisitions():
+    rng = np.random.default_rng(3)   # a quarter of the cohort in each quartile, as ARC by construction
+    cuts = VOLUME_CUT_POINTS
+    volumes = np.concatenate([rng.integers(cuts[q], cuts[q + 1], size=22 + (q < 2)) for q in range(4)])
+    acquisitions = rng.permutation(["space"] * 60 + ["tse"] * 30).tolist()
+    strata = {volume_stratum(v) for v in volumes}
+    assert strata == {0, 1, 2, 3}
+    folds = nested_folds(volumes, acquisitions)
+    assert len(folds) == 3
+    tests = [set(f.test) for f in folds]
+    assert set().union(*tests) == set(range(90)) and sum(map(len, tests)) == 90       # a partition
+    for fold in folds:
+        assert {volume_stratum(volumes[i]) for i in fold.test} == strata
+        assert {acquisitions[i] for i in fold.test} == {"space", "tse"}
+        assert len(fold.inner) == 3
+        outer_train = set(range(90)) - set(fold.test)
+        assert set(fold.train_all) == outer_train
+        for train_idx, valid_idx in fold.inner:
+            assert set(train_idx) | set(valid_idx) == outer_train and not set(train_idx) & set(valid_idx)
+            assert {volume_stratum(volumes[i]) for i in valid_idx} == strata
+
+
+def test_volume_strata_use_the_paper_cut_points():
+    assert [volume_stratum(v) for v in (0, 203, 33_618, 33_619, 67_891, 128_313, 128_314, 10 ** 6)] == \
+        [0, 0, 0, 1, 2, 2, 3, 3]
+
+
+# ------------------------------------------------------------------ metrics
+def test_metrics_match_hand_computed_cases():
+    truth = np.zeros(100, bool)
+    truth[:10] = True                      # 10 lesion voxels
+    prediction = np.zeros(100, bool)
+    prediction[5:20] = True                # 15 predicted: TP 5, FP 10, FN 5, TN 80
+    assert dice(prediction, truth) == pytest.approx(2 * 5 / (15 + 10))
+    assert average_volume_difference(prediction, truth) == pytest.approx(0.5)
+    assert volume_difference_ml(prediction, truth) == pytest.approx(0.005)
+    assert matthews(prediction, truth) == pytest.approx((5 * 80 - 10 * 5) / math.sqrt(15 * 10 * 90 * 85))
+    empty = np.zeros(100, bool)
+    assert dice(empty, empty) == 1.0 and math.isnan(average_volume_difference(prediction, empty))
+    assert matthews(truth, truth) == pytest.approx(1.0) and matthews(empty, truth) == 0.0
+
+
+def test_holm_correction_and_paired_tests():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.5, 0.8, 30)
+    rows = compare_models({"a": base, "b": base + 0.05 + rng.normal(0, 0.01, 30), "c": base})
+    by_pair = {(r["a"], r["b"]): r for r in rows}
+    assert by_pair[("a", "b")]["p_holm"] < 1e-4 and by_pair[("a", "b")]["median_difference"] < 0
+    assert by_pair[("a", "c")]["p_holm"] == 1.0
+    assert all(r["p_holm"] >= r["p"] for r in rows)
+
+
+# ------------------------------------------------------------------ training
+def _blobs(seed: int, size: int = 24):
+    """Tiny T2-like volumes: a grey head with a bright (CSF-like) lesion blob."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices((size,) * 3).astype(np.float32)
+    centre = rng.uniform(8, size - 8, 3)
+    radius = rng.uniform(3, 5)
+    mask = (((grid - centre[:, None, None, None]) ** 2).sum(0) < radius ** 2).astype(np.uint8)
+    image = 0.4 + 0.05 * rng.standard_normal((size,) * 3).astype(np.float32) + 0.5 * mask
+    return np.clip(image, 0, 1).astype(np.float32), mask
+
+
+def test_two_epochs_on_tiny_volumes_lower_the_loss_and_validate_with_the_engine():
+    data = [_blobs(i) for i in range(6)]
+    config = TrainConfig(channels=5, epochs=2, lr=1e-2, mixed_precision=False, device="cpu")
+    model, history = train(lambda epoch: iter(data), steps_per_epoch=6, config=config, validation=[_blobs(99)])
+    assert len(history.losses) == 2 and history.losses[1] < history.losses[0]
+    assert len(history.validation_dice) == 2 and all(0.0 <= d <= 1.0 for d in history.validation_dice)
+    assert isinstance(model, MeshNet) and not model.training
+
+
+def test_a_checkpoint_reloads_bit_exactly(tmp_path):
+    config = TrainConfig(channels=5, epochs=1, lr=1e-2, mixed_precision=False, device="cpu")
+    model, history = train(lambda epoch: iter([_blobs(1), _blobs(2)]), steps_per_epoch=2, config=config)
+    path = save_checkpoint(model, tmp_path / "meshnet5.safetensors", history)
+    assert not list(tmp_path.glob(".*partial"))
+    again = MeshNet.load(path)
+    original = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    reloaded = again.state_dict()
+    assert all(torch.equal(original[k], reloaded[k]) for k in original)
+    record = read_training_record(path)
+    assert record["config"]["channels"] == 5 and record["losses"] == history.losses
