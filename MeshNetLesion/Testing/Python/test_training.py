@@ -138,3 +138,52 @@ def test_a_checkpoint_reloads_bit_exactly(tmp_path):
     assert all(torch.equal(original[k], reloaded[k]) for k in original)
     record = read_training_record(path)
     assert record["config"]["channels"] == 5 and record["losses"] == history.losses
+
+
+# ------------------------------------------------------------------ command line
+def _write_pairs(tmp_path, seeds):
+    from MeshNetLesionLib import save_volume
+
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    rows = ["image,mask"]
+    for seed in seeds:
+        image, mask = _blobs(seed, size=40)
+        save_volume(tmp_path / f"s{seed}.nii.gz", image * 500, affine)
+        save_volume(tmp_path / f"s{seed}_mask.nii.gz", mask, affine, label=True)
+        rows.append(f"s{seed}.nii.gz,s{seed}_mask.nii.gz")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "pairs.csv"
+
+
+def test_evaluate_scores_each_pair_on_its_own_grid(tmp_path, registry):
+    import json
+
+    from MeshNetLesionLib import Segmenter, load_volume
+    from MeshNetLesionLib.cli import main
+    from MeshNetLesionLib.metrics import scores
+
+    pairs = _write_pairs(tmp_path, [1, 2])
+    assert main(["evaluate", str(pairs), "--model", "t2lesion-meshnet11", "--no-brain-mask", "--device", "cpu",
+                 "--report", str(tmp_path / "report.json")]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())["models"]["t2lesion-meshnet11"]
+    assert len(report["subjects"]) == 2
+    segmenter = Segmenter("t2lesion-meshnet11", registry=registry, device="cpu", brain_mask=False)
+    first = segmenter.segment(load_volume(tmp_path / "s1.nii.gz")).labels
+    expected = scores(first > 0, load_volume(tmp_path / "s1_mask.nii.gz").array > 0)
+    assert report["subjects"][0]["dice"] == pytest.approx(expected["dice"])
+    assert report["subjects"][0]["mcc"] == pytest.approx(expected["mcc"])
+    assert report["mean"]["dice"] == pytest.approx(np.mean([s["dice"] for s in report["subjects"]]))
+
+
+def test_train_command_writes_an_importable_model(tmp_path):
+    from MeshNetLesionLib import Registry
+    from MeshNetLesionLib.cli import main
+
+    pairs = _write_pairs(tmp_path, [3, 4])
+    out = tmp_path / "model" / "meshnet5.safetensors"
+    assert main(["train", str(pairs), "-o", str(out), "--channels", "5", "--epochs", "1", "--crop", "32",
+                 "--device", "cpu"]) == 0
+    assert read_training_record(out)["config"]["channels"] == 5
+    entry = Registry(cache_dir=tmp_path / "cache").import_folder(out.parent, "trained-meshnet5")
+    assert entry.id == "trained-meshnet5"
+    assert main(["train", str(pairs), "-o", str(tmp_path / "model.pt"), "--epochs", "1"]) == 2   # not safetensors
