@@ -324,8 +324,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             image = load_volume(image_path)
             truth = mask_on_source(load_volume(mask_path), image, str(mask_path))
             result = segmenter.segment(image)
-            voxel_ml = abs(float(np.linalg.det(image.affine[:3, :3]))) / 1000.0
-            rows.append({"image": str(image_path), **scores(result.labels > 0, truth, voxel_ml)})
+            rows.append({"image": str(image_path), **scores(result.labels > 0, truth, result.voxel_volume_ml)})
             print(f"{model_id}  {image_path.name}: Dice {rows[-1]['dice']:.3f}, AVD {rows[-1]['avd']:.3f}, "
                   f"MCC {rows[-1]['mcc']:.3f}")
         summary = {k: float(np.nanmean([r[k] for r in rows])) for k in ("dice", "avd", "mcc")}

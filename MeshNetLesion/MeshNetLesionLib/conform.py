@@ -211,3 +211,12 @@ def to_source(conformed_values: np.ndarray, conformed: Conformed, *, order: int,
 
     _in_slabs(conformed.source_shape[0], max(1, -(-conformed.source_shape[0] // (4 * _workers()))), slab)
     return output
+
+
+def to_conformed(source_values: np.ndarray, conformed: Conformed) -> np.ndarray:
+    """A source-grid label array (e.g. a lesion mask) on the conformed 256³ grid, nearest neighbour."""
+    from scipy import ndimage
+
+    matrix = np.linalg.inv(conformed.source_to_conformed)     # conformed voxel → source voxel
+    return ndimage.affine_transform(np.asarray(source_values, np.uint8), matrix[:3, :3], offset=matrix[:3, 3],
+                                    output_shape=SHAPE, order=0, mode="constant", cval=0)

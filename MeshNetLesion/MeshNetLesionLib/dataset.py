@@ -7,7 +7,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .conform import SHAPE, Conformed, conform
+from .conform import conform, to_conformed
 from .errors import InputError
 from .spec import Normalization
 from .volume import Volume, load_volume
@@ -35,15 +35,6 @@ def mask_on_source(mask: Volume, image: Volume, name: str = "mask") -> np.ndarra
     if mask.shape != image.shape or not np.allclose(mask.affine, image.affine, atol=1e-3):
         raise InputError(f"{name}: the mask's grid differs from the image's (shape {mask.shape} vs {image.shape})")
     return mask.array > 0
-
-
-def to_conformed(mask: np.ndarray, conformed: Conformed) -> np.ndarray:
-    """A source-grid mask on the conformed 256³ grid (nearest neighbour)."""
-    from scipy import ndimage
-
-    matrix = np.linalg.inv(conformed.source_to_conformed)     # conformed voxel → source voxel
-    return ndimage.affine_transform(mask.astype(np.uint8), matrix[:3, :3], offset=matrix[:3, 3], output_shape=SHAPE,
-                                    order=0, mode="constant", cval=0)
 
 
 def load_training_pair(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -46,6 +46,11 @@ _MKLDNN_CONV = getattr(torch.ops.aten, "mkldnn_convolution", None) if torch.back
 _SLOW_PATH_LIMIT = 20480
 
 
+def _takes_slow_kernel(piece: torch.Tensor) -> bool:
+    return (_MKLDNN_CONV is not None and piece.device.type == "cpu" and piece.dtype == torch.float32
+            and piece.shape[0] * piece.shape[1] * piece.shape[2] * piece.shape[3] <= _SLOW_PATH_LIMIT)
+
+
 class CancelToken(Protocol):
     def is_set(self) -> bool: ...
 
@@ -245,28 +250,28 @@ class Engine:
         return segments
 
     # ---------------------------------------------------------------- convolution helpers
+    def _conv(self, piece: torch.Tensor, index: int, prepared: _Prepared, depth_padding: int = 0) -> torch.Tensor:
+        """Layer ``index`` on ``piece`` (padded in-plane, and by ``depth_padding`` along the first axis)."""
+        spec = self._layers[index].spec
+        padding = [depth_padding, spec.padding, spec.padding]
+        if _takes_slow_kernel(piece):
+            return _MKLDNN_CONV(piece, prepared.weights[index], prepared.biases[index], padding, [1, 1, 1],
+                                [spec.dilation] * 3, 1)
+        return F.conv3d(piece, prepared.weights[index], prepared.biases[index], padding=padding,
+                        dilation=spec.dilation)
+
     def _conv_into(self, piece: torch.Tensor, index: int, prepared: _Prepared, out: torch.Tensor | None = None):
         """Layer ``index`` on rows that include its halo; writes into ``out`` (a buffer view) if given.
 
         Writing into the destination saves a copy and, more importantly on the CPU, a fresh
         allocation whose pages would be faulted in again for every slab.
         """
-        spec = self._layers[index].spec
-        pad = spec.padding
-        if (_MKLDNN_CONV is not None and piece.device.type == "cpu" and piece.dtype == torch.float32
-                and piece.shape[0] * piece.shape[1] * piece.shape[2] * piece.shape[3] <= _SLOW_PATH_LIMIT):
-            y = _MKLDNN_CONV(piece, prepared.weights[index], prepared.biases[index], [0, pad, pad], [1, 1, 1],
-                             [spec.dilation] * 3, 1)
-            if out is None:
-                return y
-            out.copy_(y)
-            return out
-        if out is not None and _CONV_OUT is not None:
-            _CONV_OUT(piece, prepared.weights[index], prepared.biases[index], [1, 1, 1], [0, pad, pad],
+        if out is not None and _CONV_OUT is not None and not _takes_slow_kernel(piece):
+            spec = self._layers[index].spec
+            _CONV_OUT(piece, prepared.weights[index], prepared.biases[index], [1, 1, 1], [0, spec.padding, spec.padding],
                       [spec.dilation] * 3, False, [0, 0, 0], 1, out=out)
             return out
-        y = F.conv3d(piece, prepared.weights[index], prepared.biases[index], padding=(0, pad, pad),
-                     dilation=spec.dilation)
+        y = self._conv(piece, index, prepared)
         if out is None:
             return y
         out.copy_(y)
@@ -286,9 +291,7 @@ class Engine:
         if a == lo - pad and b == hi + pad:
             self._conv_into(x[:, :, a:b], index, prepared, out)
             return
-        y = F.conv3d(x[:, :, a:b], prepared.weights[index], prepared.biases[index], padding=pad,
-                     dilation=spec.dilation)
-        out.copy_(y[:, :, lo - a:hi - a])
+        out.copy_(self._conv(x[:, :, a:b], index, prepared, pad)[:, :, lo - a:hi - a])
 
     @staticmethod
     def _rows(bytes_per_step: int, channels: int, shape: Sequence[int], dtype: torch.dtype) -> int:

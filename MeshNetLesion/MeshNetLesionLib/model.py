@@ -123,13 +123,22 @@ class MeshNet(nn.Module):
                         tensor.copy_(torch.from_numpy(np.asarray(values, np.float32)))
         return module
 
-    def save(self, path: str | Path) -> None:
-        """Write weights and spec into one safetensors file (the spec sits in its metadata)."""
+    def save(self, path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
+        """Write weights and spec into one safetensors file (the spec sits in its metadata), atomically.
+
+        ``metadata`` adds string entries (e.g. the training record) beside the spec.
+        """
         from safetensors.torch import save_file
 
+        path = Path(path)
         state = {key: value.detach().cpu().contiguous() for key, value in self.state_dict().items()
                  if not key.endswith("num_batches_tracked")}
-        save_file(state, str(path), metadata={SPEC_METADATA_KEY: self.spec.to_json()})
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            save_file(state, str(partial), metadata={**(metadata or {}), SPEC_METADATA_KEY: self.spec.to_json()})
+            partial.replace(path)
+        finally:
+            partial.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path) -> "MeshNet":

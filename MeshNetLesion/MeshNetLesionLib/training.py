@@ -11,18 +11,19 @@ model spec; the training record in the metadata): ready for ``meshnet-lesion mod
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .model import SPEC_METADATA_KEY, MeshNet, build_meshnet
+from .model import MeshNet, build_meshnet
 
 TRAINING_METADATA_KEY = "meshnet_training"
 
@@ -117,7 +118,7 @@ def train(samples: Callable[[int], Iterable[Sample]], steps_per_epoch: int, conf
         for epoch in range(config.epochs):
             model.train()
             total, count = 0.0, 0
-            for image, mask in _take(samples(epoch), steps_per_epoch):
+            for image, mask in itertools.islice(samples(epoch), steps_per_epoch):
                 x = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None].to(device)
                 y = torch.from_numpy(np.ascontiguousarray(mask, np.int64))[None].to(device)
                 optimizer.zero_grad(set_to_none=True)
@@ -144,30 +145,12 @@ def train(samples: Callable[[int], Iterable[Sample]], steps_per_epoch: int, conf
     return best[1].cpu().eval(), best[2]
 
 
-def _take(items: Iterable[Sample], count: int) -> Iterator[Sample]:
-    for index, item in enumerate(items):
-        if index >= count:
-            return
-        yield item
-
-
 def save_checkpoint(model: MeshNet, path: str | Path, history: History | None = None) -> Path:
     """Write weights + spec (+ the training record) into one safetensors file, atomically."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()
-             if not key.endswith("num_batches_tracked")}
-    metadata = {SPEC_METADATA_KEY: model.spec.to_json()}
-    if history is not None:
-        metadata[TRAINING_METADATA_KEY] = json.dumps({**asdict(history), "config": asdict(history.config)})
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        save_file(state, str(partial), metadata=metadata)
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
+    record = None if history is None else json.dumps({**asdict(history), "config": asdict(history.config)})
+    model.save(path, None if record is None else {TRAINING_METADATA_KEY: record})
     return path
 
 
