@@ -15,10 +15,16 @@ from MeshNetLesionLib.spec import LayerSpec, ModelSpec
 
 
 def _random_batchnorm(model: MeshNet, seed: int) -> MeshNet:
+    """Random BatchNorm statistics and He-scaled weights, so activations stay O(1) through the depth.
+
+    Larger weights grow logits to hundreds, and then fp32 rounding alone (which differs between
+    CPUs' kernels) moves probabilities by more than any tolerance that would still catch a bug.
+    """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for block in model.layers:
-            block.conv.weight.normal_(0, 0.3, generator=generator)
+            fan_in = block.conv.weight[0].numel()
+            block.conv.weight.normal_(0, (2.0 / fan_in) ** 0.5, generator=generator)
             if isinstance(block.norm, torch.nn.BatchNorm3d):
                 block.norm.running_mean.uniform_(-0.3, 0.3, generator=generator)
                 block.norm.running_var.uniform_(0.5, 2.0, generator=generator)
