@@ -90,17 +90,19 @@ def _parser() -> argparse.ArgumentParser:
     clear.set_defaults(handler=_models_clear)
 
     evaluate = commands.add_parser("evaluate", help="score models on image,mask pairs (Dice, AVD, MCC; paired tests)")
-    evaluate.add_argument("pairs", type=Path, help="CSV with image,mask rows")
+    evaluate.add_argument("pairs", type=Path, help="CSV with image,mask rows, or an ARC-like BIDS folder")
     evaluate.add_argument("--model", dest="models", action="append", help="registry id (repeat to compare models)")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--no-brain-mask", dest="brain_mask", action="store_false", default=None)
     evaluate.add_argument("--report", type=Path, help="write per-subject scores and the tests as JSON")
     evaluate.set_defaults(handler=_evaluate)
 
-    trainer = commands.add_parser("train", help="train a MeshNet lesion model (the paper's recipe by default)")
-    trainer.add_argument("pairs", type=Path, help="CSV with image,mask rows for training")
+    trainer = commands.add_parser("train", help="train a MeshNet lesion model (the paper's recipe by default); "
+                                  "several GPUs: torchrun --nproc-per-node N -m MeshNetLesionLib.cli train ...")
+    trainer.add_argument("pairs", type=Path,
+                         help="CSV with image,mask rows, or an ARC-like BIDS folder (SPACE T2w only)")
     trainer.add_argument("-o", "--output", required=True, type=Path, help="the .safetensors file to write")
-    trainer.add_argument("--validation", type=Path, help="CSV of validation pairs (the best restart is kept)")
+    trainer.add_argument("--validation", type=Path, help="validation pairs, CSV or BIDS (the best restart is kept)")
     trainer.add_argument("--channels", type=int, default=16)
     trainer.add_argument("--epochs", type=int, default=50)
     trainer.add_argument("--restarts", type=int, default=1, help="independent runs; the paper used 10")
@@ -109,6 +111,35 @@ def _parser() -> argparse.ArgumentParser:
     trainer.add_argument("--device", default="auto")
     trainer.add_argument("--seed", type=int, default=0)
     trainer.set_defaults(handler=_train)
+
+    tuner = commands.add_parser("tune", help="hyperparameter search (Optuna TPE + asynchronous successive halving)")
+    tuner.add_argument("pairs", type=Path, help="training pairs, CSV or BIDS")
+    tuner.add_argument("--validation", type=Path, required=True, help="validation pairs, CSV or BIDS")
+    tuner.add_argument("--trials", type=int, default=20)
+    tuner.add_argument("--min-epochs", type=int, default=15, help="first rung of successive halving")
+    tuner.add_argument("--max-epochs", type=int, default=50)
+    tuner.add_argument("--crop", type=int, help="train on random crops of this edge")
+    tuner.add_argument("--storage", help="Optuna storage URL, e.g. sqlite:///study.db (resumable, shareable)")
+    tuner.add_argument("--study", default="meshnet-lesion", help="study name in the storage")
+    tuner.add_argument("--device", default="auto")
+    tuner.add_argument("--seed", type=int, default=0)
+    tuner.add_argument("--report", type=Path, help="write every trial and the best parameters as JSON")
+    tuner.set_defaults(handler=_tune)
+
+    synth = commands.add_parser("synth", help="render synthetic chronic-lesion T2w volumes from real lesion masks")
+    synth.add_argument("output", type=Path, help="folder for the volumes, their masks, pairs.csv and synth.json")
+    synth.add_argument("--lesions", type=Path, required=True, help="folder of binary lesion masks in MNI space")
+    synth.add_argument("--split", choices=("train", "test", "all"), default="train",
+                       help="which lesion masks: the training 90 %%, the held-out 10 %% (by file-name hash), or all")
+    anatomy = synth.add_mutually_exclusive_group(required=True)
+    anatomy.add_argument("--t1", type=Path, help="T1w scan whose label map is rendered with random T2 contrasts")
+    anatomy.add_argument("--t2", type=Path, help="real T2w scan to paint lesions into (its own lesion is excluded)")
+    synth.add_argument("--count", type=int, default=10)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--lesion-free", action="store_true", help="render the anatomy without lesions")
+    synth.add_argument("--workers", type=int, default=1)
+    synth.add_argument("--device", default="auto", help="for the models that label the anatomy")
+    synth.set_defaults(handler=_synth)
     return parser
 
 
@@ -308,12 +339,12 @@ def _models_clear(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .dataset import mask_on_source, read_pairs
+    from .dataset import IGNORE, mask_on_source, read_pairs_or_bids
     from .metrics import compare_models, scores
     from .pipeline import Segmenter
     from .volume import load_volume
 
-    pairs = read_pairs(args.pairs)
+    pairs = read_pairs_or_bids(args.pairs)
     registry = _registry()
     models = args.models or [registry.default_model().id]
     report: dict = {"pairs": str(args.pairs), "models": {}}
@@ -324,12 +355,19 @@ def _evaluate(args: argparse.Namespace) -> int:
             image = load_volume(image_path)
             truth = mask_on_source(load_volume(mask_path), image, str(mask_path))
             result = segmenter.segment(image)
-            rows.append({"image": str(image_path), **scores(result.labels > 0, truth, result.voxel_volume_ml)})
+            scored = truth != IGNORE
+            predicted = (result.labels > 0) & scored
+            rows.append({"image": str(image_path), **scores(predicted, truth == 1, result.voxel_volume_ml),
+                         "predicted_ml": float(np.count_nonzero(predicted)) * result.voxel_volume_ml,
+                         "true_ml": float(np.count_nonzero(truth == 1)) * result.voxel_volume_ml,
+                         "seconds": result.timings_s["total"]})
             print(f"{model_id}  {image_path.name}: Dice {rows[-1]['dice']:.3f}, AVD {rows[-1]['avd']:.3f}, "
-                  f"MCC {rows[-1]['mcc']:.3f}")
-        summary = {k: float(np.nanmean([r[k] for r in rows])) for k in ("dice", "avd", "mcc")}
+                  f"MCC {rows[-1]['mcc']:.3f}, lesion {rows[-1]['predicted_ml']:.1f} mL "
+                  f"(truth {rows[-1]['true_ml']:.1f} mL)")
+        summary = {k: float(np.nanmean([r[k] for r in rows])) if any(np.isfinite(r[k]) for r in rows) else None
+                   for k in ("dice", "avd", "mcc", "predicted_ml", "true_ml")}
         report["models"][model_id] = {"subjects": rows, "mean": summary}
-        print(f"{model_id}: mean Dice {summary['dice']:.3f}, AVD {summary['avd']:.3f}, MCC {summary['mcc']:.3f}")
+        print(f"{model_id}: mean " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if v is not None))
     if len(models) > 1 and len(pairs) > 1:
         report["wilcoxon_holm_dice"] = compare_models(
             {m: [r["dice"] for r in report["models"][m]["subjects"]] for m in models})
@@ -342,19 +380,56 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .dataset import load_training_pair, random_crops, read_pairs
+    from .dataset import load_training_pair, random_crops, read_pairs_or_bids
     from .training import TrainConfig, save_checkpoint, train
 
     if args.output.suffix != ".safetensors":
         raise InputError("the output must be a .safetensors file")
     config = TrainConfig(channels=args.channels, epochs=args.epochs, restarts=args.restarts, lr=args.lr,
                          device=args.device, seed=args.seed)
-    samples = [load_training_pair(*pair) for pair in read_pairs(args.pairs)]
-    validation = [load_training_pair(*pair) for pair in read_pairs(args.validation)] if args.validation else []
+    samples = [load_training_pair(*pair) for pair in read_pairs_or_bids(args.pairs)]
+    validation = ([load_training_pair(*pair) for pair in read_pairs_or_bids(args.validation)]
+                  if args.validation else [])
     model, history = train(lambda epoch: random_crops(samples, args.crop, args.seed * 100_003 + epoch),
                            len(samples), config, validation, progress=print)
-    save_checkpoint(model, args.output, history)
-    print(f"wrote {args.output} (import it with: meshnet-lesion models import FOLDER)")
+    if int(os.environ.get("RANK", "0")) == 0:     # under torchrun, one process writes the result
+        save_checkpoint(model, args.output, history)
+        print(f"wrote {args.output} (import it with: meshnet-lesion models import FOLDER)")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from .dataset import load_training_pair, random_crops, read_pairs_or_bids
+    from .training import TrainConfig, tune
+
+    samples = [load_training_pair(*pair) for pair in read_pairs_or_bids(args.pairs)]
+    validation = [load_training_pair(*pair) for pair in read_pairs_or_bids(args.validation)]
+    study = tune(lambda epoch: random_crops(samples, args.crop, args.seed * 100_003 + epoch), len(samples),
+                 validation, args.trials, TrainConfig(device=args.device, seed=args.seed), args.min_epochs,
+                 args.max_epochs, args.storage, args.study, progress=print)
+    trials = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+               "epochs": len(t.intermediate_values)} for t in study.trials]
+    best = study.best_trial
+    print(f"best trial {best.number}: validation Dice {best.value:.3f} with {best.params}")
+    if args.report:
+        print(f"wrote {_write_json(args.report, {'best': {'value': best.value, 'params': best.params}, 'trials': trials})}")
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from . import synth
+
+    masks = sorted(p for p in args.lesions.glob("*") if p.name.endswith((".nii", ".nii.gz")))
+    if not masks:
+        raise InputError(f"no NIfTI lesion masks in {args.lesions}")
+    training, held_out = synth.split_lesions(masks)
+    chosen = {"train": training, "test": held_out, "all": masks}[args.split]
+    registry = _registry()
+    head = (synth.build_label_head(args.t1, registry, args.device) if args.t1
+            else synth.build_real_head(args.t2, registry, args.device))
+    pairs = synth.write_dataset(args.output, head, chosen, args.count, args.seed, args.lesion_free, args.workers,
+                                progress=print)
+    print(f"wrote {pairs}")
     return 0
 
 

@@ -31,6 +31,9 @@ def test_loss_uses_the_class_weights_and_label_smoothing_of_the_recipe():
 
     plain = make_loss(TrainConfig(label_smoothing=0.0))(logits, target).item()
     assert plain == pytest.approx(((0.5 * nll[0, 0] + nll[1, 1] + nll[2, 1]) / 2.5).item(), rel=1e-6)
+    # voxels marked IGNORE (e.g. a real lesion under synthetic ones) do not count at all
+    ignored = make_loss(config)(logits, torch.tensor([0, 255, 1])).item()
+    assert ignored == pytest.approx(make_loss(config)(logits[[0, 2]], target[[0, 2]]).item(), rel=1e-6)
 
 
 def test_optimizer_and_one_cycle_schedule_follow_the_recipe():
@@ -127,6 +130,65 @@ def test_two_epochs_on_tiny_volumes_lower_the_loss_and_validate_with_the_engine(
     assert isinstance(model, MeshNet) and not model.training
 
 
+def test_hyperparameter_search_samples_the_paper_space_prunes_by_epochs_and_resumes(tmp_path):
+    import optuna
+
+    from MeshNetLesionLib.training import SEARCH_SPACE, tune
+
+    data = [_blobs(i, size=16) for i in range(3)]
+    base = TrainConfig(mixed_precision=False, device="cpu")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = tune(lambda epoch: iter(data), 3, [_blobs(98, size=16)], trials=4, base=base, min_epochs=1,
+                 max_epochs=3, storage=storage)
+    assert isinstance(study.pruner, optuna.pruners.SuccessiveHalvingPruner)
+    assert len(study.trials) == 4 and study.best_trial.state == optuna.trial.TrialState.COMPLETE
+    for trial in study.trials:
+        p = trial.params
+        assert SEARCH_SPACE["channels"][0] <= p["channels"] <= SEARCH_SPACE["channels"][1]
+        assert 1e-4 <= p["lr"] <= 4e-2 and 1e-4 <= p["weight_decay"] <= 4e-2
+        assert 0 <= p["background_weight"] <= 1 and p["warmup"] in (0.02, 0.1, 0.2)
+        assert list(trial.intermediate_values) == list(range(1, len(trial.intermediate_values) + 1))
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert all(len(t.intermediate_values) == 3 for t in complete)        # completed trials ran every epoch
+    resumed = tune(lambda epoch: iter(data), 3, [_blobs(98, size=16)], trials=1, base=base, min_epochs=1,
+                   max_epochs=3, storage=storage)
+    assert len(resumed.trials) == 5
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    seen = []
+
+    def samples(epoch):
+        for i in range(4):
+            seen.append(i)
+            yield _blobs(i, size=16)
+
+    config = TrainConfig(channels=4, epochs=2, lr=1e-2, mixed_precision=False, device="cpu")
+    model, history = train(samples, 4, config)
+    torch.save({"state": model.state_dict(), "losses": history.losses}, f"{out}/rank{rank}.pt")
+
+
+def test_distributed_training_keeps_every_process_in_step(tmp_path):
+    """Two CPU processes (gloo), as torchrun starts them: same weights at the end, each saw its share."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key, value in first["state"].items():
+        assert torch.equal(value, second["state"][key]), key
+    assert first["losses"] != second["losses"]           # different samples in each process
+
+
 def test_a_checkpoint_reloads_bit_exactly(tmp_path):
     config = TrainConfig(channels=5, epochs=1, lr=1e-2, mixed_precision=False, device="cpu")
     model, history = train(lambda epoch: iter([_blobs(1), _blobs(2)]), steps_per_epoch=2, config=config)
@@ -173,6 +235,56 @@ def test_evaluate_scores_each_pair_on_its_own_grid(tmp_path, registry):
     assert report["subjects"][0]["dice"] == pytest.approx(expected["dice"])
     assert report["subjects"][0]["mcc"] == pytest.approx(expected["mcc"])
     assert report["mean"]["dice"] == pytest.approx(np.mean([s["dice"] for s in report["subjects"]]))
+
+
+def test_evaluate_leaves_voxels_marked_ignore_out_of_the_scores(tmp_path, registry):
+    import json
+
+    from MeshNetLesionLib import Segmenter, load_volume, save_volume
+    from MeshNetLesionLib.cli import main
+    from MeshNetLesionLib.dataset import IGNORE
+    from MeshNetLesionLib.metrics import scores
+
+    pairs = _write_pairs(tmp_path, [5])
+    mask = np.asarray(load_volume(tmp_path / "s5_mask.nii.gz").array).copy()
+    mask[:20] = np.where(mask[:20] > 0, mask[:20], IGNORE)    # half the background is not scored
+    save_volume(tmp_path / "s5_mask.nii.gz", mask, np.eye(4), label=True)
+    assert main(["evaluate", str(pairs), "--model", "t2lesion-meshnet11", "--no-brain-mask", "--device", "cpu",
+                 "--report", str(tmp_path / "report.json")]) == 0
+    row = json.loads((tmp_path / "report.json").read_text())["models"]["t2lesion-meshnet11"]["subjects"][0]
+    labels = Segmenter("t2lesion-meshnet11", registry=registry, device="cpu", brain_mask=False).segment(
+        load_volume(tmp_path / "s5.nii.gz")).labels
+    scored = mask != IGNORE
+    expected = scores((labels > 0) & scored, mask == 1)
+    assert row["dice"] == pytest.approx(expected["dice"]) and row["mcc"] == pytest.approx(expected["mcc"])
+    assert row["predicted_ml"] == pytest.approx(np.count_nonzero((labels > 0) & scored) / 1000)
+
+
+def _touch_nifti(path, value: int = 1):
+    from MeshNetLesionLib import save_volume
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_volume(path, np.full((4, 4, 4), value, np.uint8), np.eye(4))
+
+
+def test_bids_discovery_keeps_space_t2w_with_masks_and_drops_turbo_spin_echo(tmp_path):
+    from MeshNetLesionLib import InputError
+    from MeshNetLesionLib.dataset import read_bids, read_pairs_or_bids
+
+    anat = "{s}/ses-1/anat/{s}_ses-1_acq-{a}_run-1_T2w.nii.gz"
+    lesion = "derivatives/lesion_masks/{s}/ses-1/anat/{s}_ses-1_acq-{a}_run-1_T2w_desc-lesion_mask.nii.gz"
+    for subject, acquisition in (("sub-M1", "spc3p2"), ("sub-M2", "tse3"), ("sub-M3", "spc3")):
+        _touch_nifti(tmp_path / anat.format(s=subject, a=acquisition))
+        _touch_nifti(tmp_path / lesion.format(s=subject, a=acquisition))
+    _touch_nifti(tmp_path / anat.format(s="sub-M3", a="tse3"))          # a second T2w in the same session
+    _touch_nifti(tmp_path / anat.format(s="sub-M4", a="spc3p2"))        # no lesion mask: not a pair
+    pairs = read_bids(tmp_path)
+    assert [(p.subject, p.acquisition) for p in pairs] == [("sub-M1", "spc3p2"), ("sub-M3", "spc3")]
+    assert pairs[1].image.name == "sub-M3_ses-1_acq-spc3_run-1_T2w.nii.gz"
+    assert read_pairs_or_bids(tmp_path) == [(p.image, p.mask) for p in pairs]
+    assert [p.acquisition for p in read_bids(tmp_path, ("tse3",))] == ["tse3"]
+    with pytest.raises(InputError, match="lesion_masks"):
+        read_bids(tmp_path / "sub-M1")
 
 
 def test_train_command_writes_an_importable_model(tmp_path):
