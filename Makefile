@@ -13,7 +13,7 @@ DEMO_DIR ?= demo-output
 # venv of its own (tinygrad; its CPU backend compiles kernels with clang).
 BRAINCHOP_VENV ?= .venv-brainchop
 
-.PHONY: test demo env bench clean
+.PHONY: test demo env bench synthetic-models clean
 
 env: $(VENV)/.installed
 
@@ -37,6 +37,12 @@ demo: env
 bench: $(VENV)/.bench $(BRAINCHOP_VENV)/.installed
 	$(BIN)/python benchmarks/performance.py
 
+# Renders the synthetic data (training/.work), trains MeshNet-5/16/26 into MeshNetLesionLib/weights,
+# writes their registry entries and model cards with the measured metrics, and prints the held-out
+# figures. Review the result before committing weights: on 2 CPU cores the runs are far too short.
+synthetic-models: env
+	$(BIN)/python training/synthetic_models.py
+
 $(VENV)/.bench: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[test,preview,bench]"
 	touch $@
@@ -48,4 +54,4 @@ $(BRAINCHOP_VENV)/.installed:
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(BRAINCHOP_VENV) $(DEMO_DIR) benchmarks/.work
+	rm -rf $(VENV) $(BRAINCHOP_VENV) $(DEMO_DIR) benchmarks/.work training/.work

@@ -107,7 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     trainer.add_argument("--epochs", type=int, default=50)
     trainer.add_argument("--restarts", type=int, default=1, help="independent runs; the paper used 10")
     trainer.add_argument("--lr", type=float, default=1e-3)
+    trainer.add_argument("--background-weight", type=float, default=0.5, help="class weight of background (lesion: 1)")
     trainer.add_argument("--crop", type=int, help="train on random crops of this edge (e.g. 128 on a CPU)")
+    trainer.add_argument("--lesion-crops", type=float, default=0.5,
+                         help="share of crops centred on a lesion voxel (the rest anywhere)")
     trainer.add_argument("--device", default="auto")
     trainer.add_argument("--seed", type=int, default=0)
     trainer.set_defaults(handler=_train)
@@ -386,11 +389,12 @@ def _train(args: argparse.Namespace) -> int:
     if args.output.suffix != ".safetensors":
         raise InputError("the output must be a .safetensors file")
     config = TrainConfig(channels=args.channels, epochs=args.epochs, restarts=args.restarts, lr=args.lr,
-                         device=args.device, seed=args.seed)
+                         background_weight=args.background_weight, device=args.device, seed=args.seed)
     samples = [load_training_pair(*pair) for pair in read_pairs_or_bids(args.pairs)]
     validation = ([load_training_pair(*pair) for pair in read_pairs_or_bids(args.validation)]
                   if args.validation else [])
-    model, history = train(lambda epoch: random_crops(samples, args.crop, args.seed * 100_003 + epoch),
+    model, history = train(lambda epoch: random_crops(samples, args.crop, args.seed * 100_003 + epoch,
+                                                      args.lesion_crops),
                            len(samples), config, validation, progress=print)
     if int(os.environ.get("RANK", "0")) == 0:     # under torchrun, one process writes the result
         save_checkpoint(model, args.output, history)

@@ -1,6 +1,7 @@
 """The model registry: model cards, files pinned by URL and SHA-256, cache, mirror, import, remove.
 
-A file is looked for, in order, in the user cache (and its hash checked), in the directory named
+A file is looked for, in order, in the user cache (and its hash checked), beside the registry when
+the entry ships it with the extension (``"bundled": "weights/<file>"``, hash checked too), in the directory named
 by ``MESHNET_LESION_MIRROR`` (searched recursively for the file name with the right SHA-256; an
 offline site or CI points it at a copy of the files), and only then downloaded (by pooch: to a
 temporary file beside the destination, verified, then renamed, so a file in the cache is always
@@ -36,6 +37,7 @@ class FileEntry:
     sha256: str
     url: str | None = None
     size: int | None = None
+    bundled: Path | None = None    # shipped with the extension, at this path
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ class Registry:
         entries: dict[str, Entry] = {}
         for kind, items in (("model", data.get("models", [])), ("sample", data.get("samples", []))):
             for item in items:
-                entry = _entry_from_dict(item, kind, "builtin")
+                entry = _entry_from_dict(item, kind, "builtin", self.registry_path.parent)
                 if entry.id in entries:
                     raise ModelError(f"duplicate registry id {entry.id}")
                 entries[entry.id] = entry
@@ -195,6 +197,11 @@ class Registry:
             if entry.origin == "imported":
                 raise IntegrityError(f"imported file {cached} was modified (SHA-256 mismatch)")
             cached.unlink()  # damaged cache file: drop it and look elsewhere
+        if file.bundled is not None and file.bundled.is_file():
+            if self._hash(file.bundled) != file.sha256:
+                raise IntegrityError(f"{entry.id}: the shipped file {file.bundled} does not match its SHA-256; "
+                                     "reinstall the extension")
+            return file.bundled
         return self._from_mirror(file)
 
     def is_available(self, entry_id: str) -> bool:
@@ -302,11 +309,17 @@ class Registry:
             shutil.rmtree(files)
 
 
-def _entry_from_dict(item: Mapping[str, Any], kind: str, origin: str) -> Entry:
+def _entry_from_dict(item: Mapping[str, Any], kind: str, origin: str, base: Path | None = None) -> Entry:
     try:
         entry_id = str(item["id"])
-        files = tuple(FileEntry(str(f["name"]), str(f["sha256"]).lower(), f.get("url"), f.get("size"))
-                      for f in item["files"])
+        files = []
+        for f in item["files"]:
+            bundled = f.get("bundled")
+            if bundled is not None and (base is None or Path(bundled).is_absolute() or ".." in Path(bundled).parts):
+                raise ModelError(f"registry entry {item['id']}: a shipped file must be a path inside the package")
+            files.append(FileEntry(str(f["name"]), str(f["sha256"]).lower(), f.get("url"), f.get("size"),
+                                   None if bundled is None else base / bundled))
+        files = tuple(files)
     except (KeyError, TypeError) as error:
         raise ModelError(f"malformed registry entry {item.get('id', '?')}: missing {error}") from error
     if not _ID_PATTERN.match(entry_id):
@@ -337,4 +350,5 @@ class _CallbackBar:
 
 def entries_json(entries: Iterable[Entry]) -> list[dict[str, Any]]:
     return [{"id": e.id, "title": e.title, "kind": e.kind, "origin": e.origin, **e.card,
-             "files": [vars(f) for f in e.files]} for e in entries]
+             "files": [{**vars(f), "bundled": None if f.bundled is None else str(f.bundled)} for f in e.files]}
+            for e in entries]

@@ -64,8 +64,30 @@ def test_builtin_entries_and_cards(registry):
         for key in ("task", "license", "citation", "training_data", "metrics", "spec", "postprocess"):
             assert key in entry.card, (entry.id, key)
         for file in entry.files:
-            assert file.url.startswith("https://github.com/") and "/raw/" in file.url
+            if file.bundled is not None:       # shipped with the extension
+                assert file.bundled.is_file() and sha256_of(file.bundled) == file.sha256, entry.id
+            else:
+                assert file.url.startswith("https://github.com/") and "/raw/" in file.url
             assert len(file.sha256) == 64
+
+
+def test_bundled_file_is_hash_checked_and_must_stay_inside_the_package(tmp_path, registry):
+    source = next(iter(registry.fetch("brainchop-tissue-fast").values()))
+    (tmp_path / "weights").mkdir()
+    shipped = tmp_path / "weights" / source.name
+    shutil.copy(source, shipped)
+    record = {"name": source.name, "sha256": sha256_of(source), "size": source.stat().st_size,
+              "bundled": f"weights/{source.name}"}
+    local = Registry(_registry_file(tmp_path, [record]), cache_dir=tmp_path / "cache", mirror="")
+    entry = local.get("tiny")
+    assert local.locate(entry, entry.files[0]) == shipped and local.is_available("tiny")
+    shipped.write_bytes(shipped.read_bytes()[:-1] + b"\0")
+    with pytest.raises(IntegrityError, match="reinstall"):
+        local.locate(entry, entry.files[0])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    with pytest.raises(ModelError, match="inside the package"):
+        Registry(_registry_file(outside, [{**record, "bundled": "../weights/x"}]), cache_dir=tmp_path / "cache")
 
 
 def test_mirror_files_are_found_by_name_and_hash(registry):

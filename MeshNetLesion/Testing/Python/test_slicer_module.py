@@ -132,6 +132,9 @@ def test_module_cmake_lists_every_file_and_only_existing_ones():
     library = {f"MeshNetLesionLib/{p.name}" for p in (MODULE_DIR / "MeshNetLesionLib").glob("*.py")}
     assert library <= set(scripts), f"not packaged: {library - set(scripts)}"
     assert "MeshNetLesionLib/models.json" in resources
+    bundled = {f"MeshNetLesionLib/{f['bundled']}" for m in json.loads((MODULE_DIR / "MeshNetLesionLib" / "models.json")
+               .read_text())["models"] for f in m["files"] if "bundled" in f}
+    assert bundled <= set(resources), f"weights the registry ships are not packaged: {bundled - set(resources)}"
     assert "slicerMacroBuildScriptedModule" in text and "WITH_GENERIC_TESTS" in text
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
 
