@@ -7,7 +7,8 @@ resumes and a finished run only re-evaluates what is missing. Steps:
    training set on the label head (brainchop labels of t1_crop, random T2 contrasts) with the
    training 90 % of the SOOP masks; held-out test set on the real ARC T2w M2265 (anatomy no
    training run sees) with the held-out 10 % of the masks; lesion-free renderings of the label head.
-2. ``meshnet-lesion train`` each variant into ``MeshNetLesionLib/weights/`` (shipped with the extension).
+2. ``meshnet-lesion train`` each variant into ``MeshNetLesionLib/weights/`` (shipped with the extension
+   once its figures are good enough: review before committing).
 3. Put each file's SHA-256 and size into its registry entry (``models.json``).
 4. ``meshnet-lesion evaluate`` each variant on the held-out set, on the lesion-free renderings, and
    on M2265 against the ARC-trained ``t2lesion-meshnet11``; the figures go into the model cards'
@@ -31,11 +32,11 @@ from MeshNetLesionLib.registry import BUILTIN_REGISTRY, MIRROR_ENV, Registry, sh
 WORK = ROOT / "training" / ".work"
 WEIGHTS = BUILTIN_REGISTRY.parent / "weights"
 RESULTS = ROOT / "training" / "results" / "synthetic-models.json"
-# What fits a 2-core CPU in about 13 minutes per variant. Crops below 96³ are slower per voxel, as
-# PyTorch sends thin convolutions to its reference kernel. With the recipe's lr 1e-3 and background
-# weight 0.5, a first CPU run (576 steps) never left the all-background plateau; the top of the
-# paper's lr range and a low background weight (both inside its search space) with lesion-centred
-# crops start finding lesions within 80 steps.
+# What fits a 2-core CPU in about 13 minutes per variant (benchmarks/training_step.py): far too
+# short, see training/results. With lr 5e-3 and the recipe's background weight 0.5 a first CPU run
+# (576 steps, training/results/first-cpu-run.json) never left the all-background plateau; the top of
+# the paper's lr range and a low background weight (both inside its search space) with
+# lesion-centred crops find lesion-like voxels but over-call after 384 steps.
 VARIANTS = {
     "meshnet5-synthetic": {"channels": 5, "crop": 96, "epochs": 8},
     "meshnet16-synthetic": {"channels": 16, "crop": 96, "epochs": 2},
