@@ -122,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     tuner.add_argument("--min-epochs", type=int, default=15, help="first rung of successive halving")
     tuner.add_argument("--max-epochs", type=int, default=50)
     tuner.add_argument("--crop", type=int, help="train on random crops of this edge")
+    tuner.add_argument("--lesion-crops", type=float, default=0.5, help="share of crops centred on a lesion voxel")
     tuner.add_argument("--storage", help="Optuna storage URL, e.g. sqlite:///study.db (resumable, shareable)")
     tuner.add_argument("--study", default="meshnet-lesion", help="study name in the storage")
     tuner.add_argument("--device", default="auto")
@@ -382,20 +383,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
+def _training_data(args: argparse.Namespace):
+    """(samples of an epoch, samples per epoch, validation samples) for train and tune."""
     from .dataset import load_training_pair, random_crops, read_pairs_or_bids
+
+    samples = [load_training_pair(*pair) for pair in read_pairs_or_bids(args.pairs)]
+    validation = ([load_training_pair(*pair) for pair in read_pairs_or_bids(args.validation)]
+                  if args.validation else [])
+    return (lambda epoch: random_crops(samples, args.crop, args.seed * 100_003 + epoch, args.lesion_crops),
+            len(samples), validation)
+
+
+def _train(args: argparse.Namespace) -> int:
     from .training import TrainConfig, save_checkpoint, train
 
     if args.output.suffix != ".safetensors":
         raise InputError("the output must be a .safetensors file")
     config = TrainConfig(channels=args.channels, epochs=args.epochs, restarts=args.restarts, lr=args.lr,
                          background_weight=args.background_weight, device=args.device, seed=args.seed)
-    samples = [load_training_pair(*pair) for pair in read_pairs_or_bids(args.pairs)]
-    validation = ([load_training_pair(*pair) for pair in read_pairs_or_bids(args.validation)]
-                  if args.validation else [])
-    model, history = train(lambda epoch: random_crops(samples, args.crop, args.seed * 100_003 + epoch,
-                                                      args.lesion_crops),
-                           len(samples), config, validation, progress=print)
+    epoch_samples, count, validation = _training_data(args)
+    model, history = train(epoch_samples, count, config, validation, progress=print)
     if int(os.environ.get("RANK", "0")) == 0:     # under torchrun, one process writes the result
         save_checkpoint(model, args.output, history)
         print(f"wrote {args.output} (import it with: meshnet-lesion models import FOLDER)")
@@ -403,14 +410,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from .dataset import load_training_pair, random_crops, read_pairs_or_bids
     from .training import TrainConfig, tune
 
-    samples = [load_training_pair(*pair) for pair in read_pairs_or_bids(args.pairs)]
-    validation = [load_training_pair(*pair) for pair in read_pairs_or_bids(args.validation)]
-    study = tune(lambda epoch: random_crops(samples, args.crop, args.seed * 100_003 + epoch), len(samples),
-                 validation, args.trials, TrainConfig(device=args.device, seed=args.seed), args.min_epochs,
-                 args.max_epochs, args.storage, args.study, progress=print)
+    epoch_samples, count, validation = _training_data(args)
+    study = tune(epoch_samples, count, validation, args.trials, TrainConfig(device=args.device, seed=args.seed),
+                 args.min_epochs, args.max_epochs, args.storage, args.study, progress=print)
     trials = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
                "epochs": len(t.intermediate_values)} for t in study.trials]
     best = study.best_trial

@@ -37,10 +37,9 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
+from .conform import SHAPE
+from .dataset import IGNORE
 from .volume import Volume, load_volume, save_volume
-
-IGNORE = 255
-SHAPE = (256, 256, 256)
 
 # Our tissue classes, and the brainchop subcortical labels (FreeSurfer names) that map onto them.
 BACKGROUND, CSF, CORTEX, WHITE, DEEP_GREY, PALLIDUM, CEREBELLUM_GREY, CEREBELLUM_WHITE, STEM, LIMBIC = range(10)
@@ -372,19 +371,16 @@ def write_dataset(out: Path, head: Head, lesion_paths: Sequence[Path], count: in
     (out / "pairs.csv").unlink(missing_ok=True)
     _JOB.update(head=head, lesions=list(lesion_paths), seed=seed, lesion_free=lesion_free, out=out)
     records = []
+    parallel = workers > 1 and "fork" in multiprocessing.get_all_start_methods()
+    pool = multiprocessing.get_context("fork").Pool(workers) if parallel else None  # forked workers share the head
     try:
-        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
-            with multiprocessing.get_context("fork").Pool(workers) as pool:  # forked workers share the head
-                for record in pool.imap(_write_one, range(count)):
-                    records.append(record)
-                    if progress:
-                        progress(f"{out.name} {len(records)}/{count}: {record['lesion_voxels']} lesion voxels")
-        else:
-            for index in range(count):
-                records.append(_write_one(index))
-                if progress:
-                    progress(f"{out.name} {index + 1}/{count}: {records[-1]['lesion_voxels']} lesion voxels")
+        for record in (pool.imap if pool else map)(_write_one, range(count)):
+            records.append(record)
+            if progress:
+                progress(f"{out.name} {len(records)}/{count}: {record['lesion_voxels']} lesion voxels")
     finally:
+        if pool:
+            pool.terminate()
         _JOB.clear()
     rows = [(r.pop("image"), r.pop("mask")) for r in records]
     with (out / "pairs.csv").open("w", newline="", encoding="utf-8") as handle:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .dataset import IGNORE
 from .model import MeshNet, build_meshnet
 
 TRAINING_METADATA_KEY = "meshnet_training"
@@ -60,8 +61,6 @@ class History:
 
 
 def make_loss(config: TrainConfig, device: torch.device | str = "cpu") -> nn.CrossEntropyLoss:
-    from .dataset import IGNORE
-
     weight = torch.tensor([config.background_weight, 1.0], device=device)
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing, ignore_index=IGNORE)
 
@@ -91,7 +90,6 @@ Sample = tuple[np.ndarray, np.ndarray]    # normalised image (D, H, W) float32, 
 
 def validation_dice(model: MeshNet, samples: Sequence[Sample], device: str = "cpu") -> float:
     """Mean Dice of the model's lesion labels over ``samples``, computed with the inference engine."""
-    from .dataset import IGNORE
     from .engine import Engine
     from .metrics import dice
 
