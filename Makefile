@@ -25,6 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: env
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 demo: env
@@ -37,7 +38,7 @@ demo: env
 bench: $(VENV)/.bench $(BRAINCHOP_VENV)/.installed
 	$(BIN)/python benchmarks/performance.py
 
-# Renders the synthetic data (training/.work), trains MeshNet-5/16/26 into MeshNetLesionLib/weights,
+# Renders the synthetic data (training/.work), trains MeshNet-5/16/26 into meshnet_lesion/weights,
 # writes their registry entries and model cards with the measured metrics, and prints the held-out
 # figures. Review the result before committing weights: on 2 CPU cores the runs are far too short.
 synthetic-models: env

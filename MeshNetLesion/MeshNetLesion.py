@@ -1,10 +1,9 @@
 """MeshNetLesion: chronic stroke lesion segmentation on T2-weighted MRI with MeshNet, in 3D Slicer.
 
-A thin module file over MeshNetLesionLib: the widget shows the panel and drives a
-:class:`MeshNetLesionLib.logic.SegmentationJob` from a timer; all computation lives in the library.
+A thin module file over MeshNetLesionLib (Slicer-side logic) and meshnet_lesion (the core): the
+widget shows the panel and drives a :class:`MeshNetLesionLib.job.SegmentationJob` from a timer.
 Third-party packages (torch, scipy, safetensors, pooch) are imported only when a run starts.
 """
-import html
 import logging
 import os
 import time
@@ -18,16 +17,17 @@ from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleTest,
-                                           ScriptedLoadableModuleWidget)
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 from slicer.util import VTKObservationMixin
 
-from MeshNetLesionLib.logic import MeshNetLesionLogic  # noqa: F401  (re-exported: the module's logic)
+from MeshNetLesionLib.install import ensureDependencies
+from MeshNetLesionLib.logic import MeshNetLesionLogic, modelCardHtml
 
-SAMPLE_ID = "sample-arc-m2265-t2w"
 SAMPLE_NAME = "MeshNetLesionARC"
-# Packages beyond PyTorch that the core needs in Slicer's Python (numpy ships with Slicer).
-REQUIREMENTS_FILE = os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
 # How long each timer tick gives the worker thread the GIL. Slicer's main thread holds the GIL
 # while idle in the Qt event loop, so the worker's Python code only runs while the main thread
 # sleeps here (torch kernels release the GIL and run regardless). 20 ms of every 50 ms keeps the
@@ -67,10 +67,8 @@ def onStartupCompleted():
 def registerSampleData():
     """The ARC sample scan, with the URL and SHA-256 of the model registry's entry."""
     import SampleData
-    from MeshNetLesionLib.registry import Registry
 
-    entry = Registry().builtin_entry(SAMPLE_ID)
-    file = entry.files[0]
+    file = MeshNetLesionLogic().sampleFile()
     logic = SampleData.SampleDataLogic
     if hasattr(logic, "registerCustomSampleDataCategory"):  # Slicer 5.12+
         logic.registerCustomSampleDataCategory("MeshNetLesion", title=_("MeshNet Lesion"))
@@ -79,62 +77,6 @@ def registerSampleData():
         thumbnailFileName=os.path.join(os.path.dirname(__file__), "Resources", "Icons", "SampleARC.png"),
         uris=file.url, fileNames=file.name, nodeNames=file.name.split(".")[0],
         checksums=f"SHA256:{file.sha256}", loadFileTypes="VolumeFile")
-
-
-def missingPackages():
-    """Requirements from Resources/requirements.txt that cannot be imported (torch is separate)."""
-    import importlib.util
-
-    names = []
-    with open(REQUIREMENTS_FILE, encoding="utf-8") as handle:
-        for line in handle:
-            requirement = line.split("#")[0].strip()
-            if requirement:
-                module = requirement.split(">")[0].split("=")[0].split("<")[0].strip().replace("-", "_")
-                if importlib.util.find_spec(module) is None:
-                    names.append(requirement)
-    return names
-
-
-def ensureDependencies(askConfirmation=True):
-    """Install PyTorch (through the PyTorch extension) and the other packages, after asking.
-
-    Returns True when everything is importable; False (after telling the user why) otherwise.
-    """
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is None:
-        try:
-            import PyTorchUtils
-        except ModuleNotFoundError:
-            slicer.util.errorDisplay(_("MeshNet Lesion needs the PyTorch extension. Install 'PyTorch' from the "
-                                       "Extensions Manager and restart Slicer."))
-            return False
-        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation) is None:
-            slicer.util.errorDisplay(_("PyTorch was not installed; MeshNet Lesion cannot run without it."))
-            return False
-    missing = missingPackages()
-    if missing:
-        try:
-            import slicer.packaging as packaging  # Slicer 5.12+
-        except ImportError:
-            packaging = None
-        if packaging is not None and not slicer.app.testingEnabled():
-            try:
-                packaging.pip_ensure(missing, requester="MeshNetLesion")
-            except RuntimeError:  # the user declined
-                return False
-        else:  # Slicer 5.8/5.10, or a self-test (pip_ensure skips installs while testing)
-            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                    _("MeshNet Lesion needs these Python packages: {packages}. Install them now?").format(
-                        packages=", ".join(missing))):
-                return False
-            slicer.util.pip_install(" ".join(missing))
-    still = missingPackages()
-    if still:
-        slicer.util.errorDisplay(_("Could not install: {packages}").format(packages=", ".join(still)))
-        return False
-    return True
 
 
 @parameterNodeWrapper
@@ -154,14 +96,15 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     DEVICES = (("auto", "Auto"), ("cpu", "CPU"), ("cuda", "CUDA"), ("mps", "MPS"))
 
     def __init__(self, parent=None, logic=None):
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
+        # Set before the base class runs: without a parent it calls setup() from its __init__.
         self.logic = logic          # injectable, so the widget can be driven with any logic
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
         self._timer = None
         self._updatingGui = False
+        VTKObservationMixin.__init__(self)
+        ScriptedLoadableModuleWidget.__init__(self, parent)
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -224,7 +167,7 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if volume is not None and not volume.IsA("vtkMRMLLabelMapVolumeNode"):
                 self._parameterNode.inputVolume = volume
         if not self._parameterNode.modelId:
-            self._parameterNode.modelId = self.logic.registry.default_model().id
+            self._parameterNode.modelId = self.logic.defaultModelId()
 
     def setParameterNode(self, inputParameterNode):
         if self._parameterNode:
@@ -310,8 +253,7 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             wasModifying = self._parameterNode.StartModify()
             self._parameterNode.modelId = modelId
             # each model brings its own default for the brain restriction (on for lesion models)
-            self._parameterNode.restrictToBrain = bool(
-                self.logic.registry.get(modelId).postprocess.get("brain_mask", False))
+            self._parameterNode.restrictToBrain = self.logic.defaultBrainMask(modelId)
             self._parameterNode.EndModify(wasModifying)
 
     def onDeviceChanged(self, index):
@@ -329,17 +271,7 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as error:  # an imported model whose files were removed
             self.ui.modelCardLabel.text = str(error)
             return
-        metrics = card.get("metrics") or []
-        metricText = "; ".join(f"{m['name']}: {m['value']}" for m in metrics) or card.get("metrics_note", _("none published"))
-        state = (_("on this computer") if card["available"] else
-                 _("downloads {size:.1f} MB on first use").format(size=card["download_mb"]))
-        rows = [(_("Task"), card.get("task", "")), (_("Input"), card.get("input", "")),
-                (_("Trained on"), card.get("training_data", "")), (_("Known metrics"), metricText),
-                (_("Licence"), card.get("license", "")), (_("Files"), state)]
-        card_html = "".join(f"<b>{name}:</b> {html.escape(str(value))}<br>" for name, value in rows if value)
-        if card.get("source"):
-            card_html += f'<a href="{card["source"]}">{html.escape(card["source"])}</a>'
-        self.ui.modelCardLabel.text = card_html
+        self.ui.modelCardLabel.text = modelCardHtml(card)
 
     # ---------------------------------------------------------------- running
     def onApplyButton(self):

@@ -18,15 +18,11 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from MeshNetLesionLib import Registry, Segmenter, Volume, load_volume, save_volume
-from MeshNetLesionLib.conform import conform
+from meshnet_lesion import Registry, Segmenter, Volume, load_volume, save_volume
+from meshnet_lesion.conform import conform
+from meshnet_lesion.metrics import dice
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def dice(a, b) -> float:
-    a, b = a > 0, b > 0
-    return 2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
 
 
 def niimath_conform(path: Path, workdir: Path) -> np.ndarray:
@@ -88,7 +84,8 @@ def main() -> int:
     result = segmenter.segment(tilted)
     m = np.linalg.inv(tilted.affine) @ arc.affine
     back = ndimage.affine_transform(result.labels, m[:3, :3], m[:3, 3], output_shape=arc.shape, order=0)
-    rows.append(("M2265 resampled oblique 0.9x0.9x3 mm (RAS-stored): Dice vs native", f"{dice(back, native.labels):.3f}"))
+    rows.append(("M2265 resampled oblique 0.9x0.9x3 mm (RAS-stored): Dice vs native",
+                 f"{dice(back, native.labels, empty=0.0):.3f}"))
 
     data = arc.array.copy()
     midline = int(np.argwhere(data > 30)[:, 0].mean())
@@ -105,15 +102,15 @@ def main() -> int:
                      f"{np.count_nonzero(cropped.labels != full)}"))
 
     # Axis order: the network must see the conformed array in (i, j, k) order.
-    from MeshNetLesionLib.engine import Engine
-    from MeshNetLesionLib.pipeline import normalize
+    from meshnet_lesion.engine import Engine
+    from meshnet_lesion.preprocess import normalize
 
     engine = Engine(registry.load("t2lesion-meshnet11"), "cpu")
     x = normalize(conform(arc).array, engine.spec.normalization)
     right = engine.run(x).labels
     transposed = engine.run(np.ascontiguousarray(x.transpose(2, 1, 0))).labels.transpose(2, 1, 0)
     rows.append(("M2265 lesion model fed the transposed (k, j, i) array: Dice vs (i, j, k)",
-                 f"{dice(transposed == 1, right == 1):.2f}"))
+                 f"{dice(transposed == 1, right == 1, empty=0.0):.2f}"))
 
     width = max(len(r[0]) for r in rows)
     for label, value in rows:

@@ -60,7 +60,8 @@ def _memory(device: str) -> dict:
 def _loaded_model(variant: str):
     """The variant as a LoadedModel: random MeshNet-X (seed 0) or the shipped ARC-trained weights."""
     import torch
-    from MeshNetLesionLib import Registry, build_meshnet
+
+    from meshnet_lesion import Registry, build_meshnet
     if variant.startswith("meshnet-"):
         torch.manual_seed(0)
         return build_meshnet(int(variant.split("-")[1])).eval().to_loaded()
@@ -69,10 +70,10 @@ def _loaded_model(variant: str):
 
 def _input(size: int, normalization=None):
     """M2265 conformed and normalised (as every pipeline feeds it), centre-cropped to ``size``³."""
-    from MeshNetLesionLib import load_volume
-    from MeshNetLesionLib.conform import conform
-    from MeshNetLesionLib.pipeline import normalize
-    from MeshNetLesionLib.spec import Normalization
+    from meshnet_lesion import load_volume
+    from meshnet_lesion.conform import conform
+    from meshnet_lesion.preprocess import normalize
+    from meshnet_lesion.spec import Normalization
     x = normalize(conform(load_volume(SHARED / "mri" / SCAN)).array, normalization or Normalization("minmax"))
     lo = (256 - size) // 2
     return x[lo:lo + size, lo:lo + size, lo:lo + size].copy()
@@ -84,7 +85,8 @@ def work_peak(task: dict) -> dict:
     The size grows until one product takes 0.3 s (or reaches 4096): emulated bf16 is far too slow for 4096².
     """
     import torch
-    from MeshNetLesionLib.engine import cpu_has_native_bf16
+
+    from meshnet_lesion.devices import cpu_has_native_bf16
     device = task["device"]
     out = {"native_bf16": cpu_has_native_bf16() if device == "cpu" else True}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -110,7 +112,8 @@ def work_peak(task: dict) -> dict:
 def _naive_module(loaded):
     """A plain nn.Sequential of Conv3d / BatchNorm3d / ReLU holding the same weights."""
     from torch import nn
-    from MeshNetLesionLib import MeshNet
+
+    from meshnet_lesion import MeshNet
     blocks = MeshNet.from_loaded(loaded).layers
     return nn.Sequential(*(m for b in blocks for m in (b.conv, b.norm, b.act) if not isinstance(m, nn.Identity)))
 
@@ -123,10 +126,12 @@ def work_network(task: dict) -> dict:
     """
     import numpy as np
     import torch
-    from MeshNetLesionLib import MeshNet, load_volume
-    from MeshNetLesionLib.conform import conform
-    from MeshNetLesionLib.engine import Engine
-    from MeshNetLesionLib.pipeline import lesion_to_source, normalize
+
+    from meshnet_lesion import MeshNet, load_volume
+    from meshnet_lesion.conform import conform
+    from meshnet_lesion.engine import Engine
+    from meshnet_lesion.postprocess import lesion_to_source
+    from meshnet_lesion.preprocess import normalize
 
     device, size = task["device"], task["size"]
     loaded = _loaded_model(task["variant"])
@@ -171,8 +176,9 @@ def work_network(task: dict) -> dict:
 
 def work_pipeline(task: dict) -> dict:
     """Our whole pipeline as the CLI and Slicer run it (Segmenter: conform → head crop → engine → source grid)."""
-    from MeshNetLesionLib import Registry, Segmenter, build_meshnet, load_volume
     import torch
+
+    from meshnet_lesion import Registry, Segmenter, build_meshnet, load_volume
 
     variant, registry = task["variant"], Registry()
     with tempfile.TemporaryDirectory() as tmp:
@@ -228,6 +234,7 @@ def _flops(make, size: int) -> float:
 def work_zoo(task: dict) -> dict:
     """A MONAI architecture: parameters, safetensors size, FLOPs at 256³, one forward pass at ``size``³."""
     import warnings
+
     import torch
     from safetensors.torch import save_file
     warnings.filterwarnings("ignore")
@@ -256,9 +263,10 @@ def work_zoo(task: dict) -> dict:
 
 def work_slicer(task: dict) -> dict:
     """The Slicer module's logic in a headless scene (slicer-core): time around the network, cold and warm."""
-    sys.path.insert(0, str(ROOT / "MeshNetLesion" / "Testing" / "Python"))
+    sys.path[:0] = [str(ROOT / "MeshNetLesion"), str(ROOT / "MeshNetLesion" / "Testing" / "Python")]
     from headless_slicer import App
-    from MeshNetLesionLib import load_volume
+
+    from meshnet_lesion import load_volume
     from MeshNetLesionLib.logic import MeshNetLesionLogic
     volume = load_volume(SHARED / "mri" / SCAN)
     runs = []
@@ -316,7 +324,8 @@ class Bench:
 
     def meshnet(self) -> None:
         import numpy as np
-        from MeshNetLesionLib.metrics import dice
+
+        from meshnet_lesion.metrics import dice
         size, rows = self.args.size, {}
         peak = self.results["peak"]
         bf16 = self.device != "cpu" or peak["native_bf16"]

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MeshNetLesion"))
-from MeshNetLesionLib.model import build_meshnet  # noqa: E402
-from MeshNetLesionLib.training import TrainConfig, make_loss, make_optimizer  # noqa: E402
+from meshnet_lesion.model import build_meshnet  # noqa: E402
+from meshnet_lesion.training import TrainConfig, make_loss, make_optimizer  # noqa: E402
 
 
 def step_seconds(channels: int, edge: int, steps: int = 3) -> float:

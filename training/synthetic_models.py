@@ -7,10 +7,10 @@ resumes and a finished run only re-evaluates what is missing. Steps:
    training set on the label head (brainchop labels of t1_crop, random T2 contrasts) with the
    training 90 % of the SOOP masks; held-out test set on the real ARC T2w M2265 (anatomy no
    training run sees) with the held-out 10 % of the masks; lesion-free renderings of the label head.
-2. ``meshnet-lesion train`` each variant into ``MeshNetLesionLib/weights/`` (shipped with the extension
+2. ``meshnet-lesion train`` each variant into ``meshnet_lesion/weights/`` (shipped with the extension
    once its figures are good enough: review before committing).
 3. Put each file's SHA-256 and size into its registry entry (``models.json``).
-4. ``meshnet-lesion evaluate`` each variant on the held-out set, on the lesion-free renderings, and
+4. Evaluate (:func:`meshnet_lesion.evaluation.evaluate`) each variant on the held-out set, on the lesion-free renderings, and
    on M2265 against the ARC-trained ``t2lesion-meshnet11``; the figures go into the model cards'
    ``metrics`` and ``training/results/synthetic-models.json``, and a table is printed.
 """
@@ -26,8 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "MeshNetLesion"))
 
-from MeshNetLesionLib import cli  # noqa: E402
-from MeshNetLesionLib.registry import BUILTIN_REGISTRY, MIRROR_ENV, Registry, sha256_of  # noqa: E402
+from meshnet_lesion import cli, evaluation  # noqa: E402
+from meshnet_lesion.dataset import read_pairs  # noqa: E402
+from meshnet_lesion.registry import BUILTIN_REGISTRY, MIRROR_ENV, Registry, sha256_of  # noqa: E402
 
 WORK = ROOT / "training" / ".work"
 WEIGHTS = BUILTIN_REGISTRY.parent / "weights"
@@ -151,8 +152,9 @@ def evaluate(model_id: str) -> dict:
         report = WORK / "reports" / f"{model_id}.{name}.json"
         if not report.is_file():
             report.parent.mkdir(parents=True, exist_ok=True)
-            _run(["evaluate", str(WORK / name / "pairs.csv"), "--model", model_id, "--device", "cpu",
-                  "--report", str(report)])
+            pairs = read_pairs(WORK / name / "pairs.csv")
+            scored = evaluation.evaluate(pairs, [model_id], device="cpu", progress=print)
+            report.write_text(json.dumps(scored, indent=2) + "\n", encoding="utf-8")
         results[name] = json.loads(report.read_text(encoding="utf-8"))["models"][model_id]
     return results
 
@@ -191,7 +193,7 @@ def main() -> int:
         entry = next(e for e in data["models"] if e["id"] == model_id)
         entry["metrics"] = card_metrics(results)
         _write_registry(data)
-        from MeshNetLesionLib.training import read_training_record
+        from meshnet_lesion.training import read_training_record
 
         record = read_training_record(weights) or {}
         summary[model_id] = {"settings": {**VARIANTS[model_id], "lr": LR, "background_weight": BACKGROUND_WEIGHT,

@@ -12,7 +12,7 @@ import nrrd
 import numpy as np
 import pytest
 
-CLI = [sys.executable, "-m", "MeshNetLesionLib.cli"]
+CLI = [sys.executable, "-m", "meshnet_lesion.cli"]
 
 
 def run(*args, cwd=None):
@@ -79,7 +79,8 @@ def _save(path, array, affine=np.eye(4)):
     (lambda d: d / "missing.nii.gz", "no such file"),
     (lambda d: _corrupt_gzip(d / "corrupt.nii.gz"), "cannot read"),
 ])
-def test_bad_input_is_one_clear_line_and_writes_nothing(make, message, tmp_path):
+def test_bad_input_is_one_clear_line_and_writes_nothing(make, message, tmp_path, shared):
+    """The default model loads first (from the mirror), then the input is refused."""
     source = make(tmp_path)
     out = tmp_path / "out"
     out.mkdir()

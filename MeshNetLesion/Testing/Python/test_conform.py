@@ -10,9 +10,9 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from conftest import dice
-from MeshNetLesionLib import InputError, Volume, load_volume, save_volume
-from MeshNetLesionLib.conform import LIA_DIRECTIONS, conform, to_source
+from meshnet_lesion import InputError, Volume, load_volume, save_volume
+from meshnet_lesion.conform import LIA_DIRECTIONS, conform, to_source
+from meshnet_lesion.metrics import dice
 
 
 def _niimath(path, tmp_path):

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from MeshNetLesionLib import Cancelled, DeviceError, build_meshnet
-from MeshNetLesionLib import engine as engine_module
-from MeshNetLesionLib.engine import Engine, available_devices, resolve_device
-from MeshNetLesionLib.model import MeshNet
-from MeshNetLesionLib.spec import LayerSpec, ModelSpec
+from meshnet_lesion import Cancelled, DeviceError, build_meshnet
+from meshnet_lesion import engine as engine_module
+from meshnet_lesion.devices import available_devices, cpu_has_native_bf16, resolve_device
+from meshnet_lesion.engine import Engine
+from meshnet_lesion.model import MeshNet
+from meshnet_lesion.spec import LayerSpec, ModelSpec
 
 
 def _random_batchnorm(model: MeshNet, seed: int) -> MeshNet:
@@ -138,7 +139,7 @@ def test_bf16_runs_where_the_cpu_has_it_and_agrees_with_fp32():
     x = np.random.default_rng(3).random((24, 20, 16), dtype=np.float32)
     fp32 = Engine(model.to_loaded(), "cpu", "fp32").run(x, probability_classes=[1])
     requested = Engine(model.to_loaded(), "cpu", "bf16").run(x, probability_classes=[1])
-    if engine_module.cpu_has_native_bf16():
+    if cpu_has_native_bf16():
         assert requested.precision == "bf16" and not requested.warnings
     else:
         assert requested.precision == "fp32" and "no native bf16" in requested.warnings[0]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from MeshNetLesionLib import MeshNet, ModelError, build_meshnet, load_model_files
-from MeshNetLesionLib.model import paper_spec
-from MeshNetLesionLib.spec import LayerSpec, ModelSpec
+from meshnet_lesion import MeshNet, ModelError, build_meshnet, load_model_files
+from meshnet_lesion.model import paper_spec
+from meshnet_lesion.spec import LayerSpec, ModelSpec
 
 
 class _Payload:
@@ -82,9 +82,9 @@ def test_module_from_loaded_weights_is_the_same_network(registry):
 def test_reads_tfjs_t2lesion(registry):
     loaded = load_model_files(_files(registry, "t2lesion-meshnet11"))
     spec = loaded.spec
-    assert [l.dilation for l in spec.layers] == [1, 2, 4, 8, 16, 8, 4, 2, 1, 1]
+    assert [layer.dilation for layer in spec.layers] == [1, 2, 4, 8, 16, 8, 4, 2, 1, 1]
     assert spec.layers[0].in_channels == 1 and spec.layers[0].out_channels == 11
-    assert all(l.activation == "elu" for l in spec.layers[:-1]) and spec.num_classes == 2
+    assert all(layer.activation == "elu" for layer in spec.layers[:-1]) and spec.num_classes == 2
     assert spec.normalization.method == "minmax"
     assert loaded.num_parameters == 26_556
     # kernel [kd, kh, kw, in, out] -> (out, in, kd, kh, kw): check one element against the raw file
@@ -98,7 +98,7 @@ def test_reads_brainchop_zip_state_dict_with_placeholders(registry):
     spec = loaded.spec
     assert len(spec.layers) == 26
     assert spec.layers[0].out_channels == 15 and spec.layers[-1].out_channels == 2  # -1 placeholders filled
-    assert all(l.norm == "group" and l.activation == "gelu" and not l.bias for l in spec.layers[:-1])
+    assert all(layer.norm == "group" and layer.activation == "gelu" and not layer.bias for layer in spec.layers[:-1])
     assert spec.layers[-1].bias and spec.normalization.method == "quantile"
     assert loaded.num_parameters == 146_237  # the MindGrab paper's count
 
@@ -146,7 +146,7 @@ def test_tfjs_reader_with_batchnorm_matches_pytorch(tmp_path):
     loaded = load_model_files({"model.json": tmp_path / "model.json", "w.bin": tmp_path / "w.bin"})
     assert loaded.spec.layers == model.spec.layers
 
-    from MeshNetLesionLib.engine import Engine
+    from meshnet_lesion.engine import Engine
 
     x = np.random.default_rng(0).random((20, 18, 16), dtype=np.float32)
     with torch.no_grad():

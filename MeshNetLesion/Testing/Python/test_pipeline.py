@@ -9,9 +9,9 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from conftest import SHARED, dice
-from MeshNetLesionLib import Cancelled, Segmenter, Volume, load_volume
-from MeshNetLesionLib.postprocess import component_sizes, remove_small_components
+from meshnet_lesion import Cancelled, Segmenter, Volume, load_volume
+from meshnet_lesion.metrics import dice
+from meshnet_lesion.postprocess import component_sizes, remove_small_components
 
 pytestmark = pytest.mark.slow
 
@@ -20,11 +20,11 @@ pytestmark = pytest.mark.slow
     ("brainchop-tissue-fast", "t1_crop.brainchop-0.2.5.tissue_fast.nii.gz"),
     ("brainchop-subcortical", "t1_crop.brainchop-0.2.5.subcortical.nii.gz"),
 ])
-def test_parity_with_brainchop_cli(model_id, reference, registry, sample_paths):
+def test_parity_with_brainchop_cli(model_id, reference, registry, sample_paths, shared):
     """brainchop 0.2.5 (niimath -conform, quantile normalisation, largest component) on its own sample."""
     volume = load_volume(sample_paths["sample-t1-crop"])
     result = Segmenter(model_id, registry=registry, device="cpu").segment(volume)
-    expected = np.asarray(nib.load(SHARED / "reference" / reference).dataobj)
+    expected = np.asarray(nib.load(shared / "reference" / reference).dataobj)
     assert result.labels.shape == expected.shape
     agreement = np.mean(result.labels == expected)
     assert agreement >= 0.9999, f"{model_id}: {agreement:.6%} of voxels agree"

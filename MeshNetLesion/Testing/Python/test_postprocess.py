@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from MeshNetLesionLib import Volume
-from MeshNetLesionLib.conform import conform
-from MeshNetLesionLib.pipeline import labels_to_source, lesion_to_source
-from MeshNetLesionLib.postprocess import brain_region, largest_component
+from meshnet_lesion import Volume
+from meshnet_lesion.conform import conform
+from meshnet_lesion.postprocess import brain_region, labels_to_source, largest_component, lesion_to_source
 
 
 def _conformed_identity():

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from MeshNetLesionLib import IntegrityError, ModelError, UnknownModelError
-from MeshNetLesionLib.registry import BUILTIN_REGISTRY, Registry, sha256_of
+from meshnet_lesion import IntegrityError, ModelError, UnknownModelError
+from meshnet_lesion.registry import BUILTIN_REGISTRY, Registry, sha256_of
 
 REQUIRED_IDS = {"t2lesion-meshnet11", "brainchop-mindgrab", "brainchop-tissue-fast", "brainchop-subcortical",
                 "sample-arc-m2265-t2w", "sample-t1-crop"}

@@ -16,12 +16,12 @@ from scipy.spatial.transform import Rotation
 
 slicer = pytest.importorskip("slicer", reason="needs the slicer-core package")
 import vtk  # noqa: E402
-
-from conftest import dice  # noqa: E402
 from headless_slicer import App  # noqa: E402
-from MeshNetLesionLib import InputError, save_volume  # noqa: E402
-from MeshNetLesionLib.logic import (LESION_SEGMENT_NAME, LESION_TERMINOLOGY, SEGMENT_TAG,  # noqa: E402
-                                    TERMINOLOGY_CONTEXT, MeshNetLesionLogic)
+
+from meshnet_lesion import InputError, save_volume  # noqa: E402
+from meshnet_lesion.metrics import dice  # noqa: E402
+from MeshNetLesionLib.logic import MeshNetLesionLogic  # noqa: E402
+from MeshNetLesionLib.mrml import LESION_SEGMENT_NAME, LESION_TERMINOLOGY, SEGMENT_TAG, TERMINOLOGY_CONTEXT  # noqa: E402
 
 pytestmark = pytest.mark.slow
 FAST = {"brainMask": False, "device": "cpu"}  # the brain-mask path is covered by the core tests
@@ -127,7 +127,7 @@ def test_segment_equals_the_command_line_output_voxel_for_voxel(app, lps_run, tm
     array = np.array(slicer.util.arrayFromVolume(node)).transpose(2, 1, 0)
     affine = slicer.util.arrayFromVTKMatrix(_ijk_to_ras(node))
     save_volume(tmp_path / "input.nii.gz", array, affine)
-    done = subprocess.run([sys.executable, "-m", "MeshNetLesionLib.cli", "segment", tmp_path / "input.nii.gz",
+    done = subprocess.run([sys.executable, "-m", "meshnet_lesion.cli", "segment", tmp_path / "input.nii.gz",
                            "-o", tmp_path / "cli.nii.gz", "--no-brain-mask", "--device", "cpu", "-q"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -313,3 +313,28 @@ def test_volume_under_a_linear_transform_is_segmented_in_world_space(app, logic,
     exported = _export(app, segmentation_node, _lesion_id(segmentation_node), moved)
     native = _export(app, native_segmentation, _lesion_id(native_segmentation), node)
     assert np.array_equal(exported > 0, native > 0)
+
+
+def test_run_options_are_frozen_and_the_segmenter_is_shared_across_probability_choices(logic):
+    import dataclasses
+
+    from MeshNetLesionLib.job import RunOptions
+
+    options = RunOptions("t2lesion-meshnet11", device="cpu", brainMask=False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.device = "cuda"
+    first = logic.segmenter(options)
+    assert logic.segmenter(dataclasses.replace(options, outputProbability=True)) is first
+    assert logic.segmenter(dataclasses.replace(options, minimumLesionMl=1.0)) is not first
+
+
+def test_model_card_html_shows_the_card_escaped(logic):
+    from MeshNetLesionLib.logic import modelCardHtml
+
+    card = logic.modelCard("brainchop-mindgrab")
+    text = modelCardHtml(card)
+    assert "<b>Task:</b> brain-extraction<br>" in text and "95.9 (1.6)" in text
+    assert f'<a href="{card["source"]}">' in text
+    assert "&lt;script&gt;" in modelCardHtml({**card, "input": "<script>"})
+    assert logic.defaultModelId() == "t2lesion-meshnet11"
+    assert logic.defaultBrainMask("t2lesion-meshnet11") and not logic.defaultBrainMask("brainchop-mindgrab")

@@ -11,7 +11,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 MODULE_DIR = REPO / "MeshNetLesion"
@@ -93,12 +92,12 @@ def test_module_file_has_the_template_classes_and_no_heavy_imports(module_tree):
             continue
         for name in names:
             assert name.split(".")[0] in allowed, f"file-scope import of {name} in MeshNetLesion.py"
-    reexported = [n for n in module_tree.body if isinstance(n, ast.ImportFrom) and n.module == "MeshNetLesionLib.logic"]
-    assert any(alias.name == "MeshNetLesionLogic" for n in reexported for alias in n.names)
+    from_logic = [n for n in module_tree.body if isinstance(n, ast.ImportFrom) and n.module == "MeshNetLesionLib.logic"]
+    assert any(alias.name == "MeshNetLesionLogic" for n in from_logic for alias in n.names)
 
 
 def test_logic_imports_without_torch():
-    code = ("import sys; import MeshNetLesionLib.logic; "
+    code = ("import sys; import MeshNetLesionLib.logic, MeshNetLesionLib.install; "
             "heavy = [m for m in ('torch', 'scipy', 'safetensors', 'pooch') if m in sys.modules]; "
             "assert not heavy, heavy")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=MODULE_DIR)
@@ -106,7 +105,7 @@ def test_logic_imports_without_torch():
 
 
 def test_terminology_file_matches_the_segment_entry():
-    from MeshNetLesionLib.logic import LESION_TERMINOLOGY, TERMINOLOGY_CONTEXT, TERMINOLOGY_FILE
+    from MeshNetLesionLib.mrml import LESION_TERMINOLOGY, TERMINOLOGY_CONTEXT, TERMINOLOGY_FILE
 
     data = json.loads(TERMINOLOGY_FILE.read_text(encoding="utf-8"))
     assert data["@schema"] == "https://raw.githubusercontent.com/qiicr/dcmqi/master/doc/segment-context-schema.json#"
@@ -129,10 +128,11 @@ def test_module_cmake_lists_every_file_and_only_existing_ones():
     resources = _cmake_list(text, "MODULE_PYTHON_RESOURCES")
     for path in scripts + resources:
         assert (MODULE_DIR / path).is_file(), f"CMakeLists.txt lists a missing file: {path}"
-    library = {f"MeshNetLesionLib/{p.name}" for p in (MODULE_DIR / "MeshNetLesionLib").glob("*.py")}
-    assert library <= set(scripts), f"not packaged: {library - set(scripts)}"
-    assert "MeshNetLesionLib/models.json" in resources
-    bundled = {f"MeshNetLesionLib/{f['bundled']}" for m in json.loads((MODULE_DIR / "MeshNetLesionLib" / "models.json")
+    code = {p.relative_to(MODULE_DIR).as_posix() for package in ("MeshNetLesionLib", "meshnet_lesion")
+            for p in (MODULE_DIR / package).rglob("*.py")}
+    assert code <= set(scripts), f"not packaged: {code - set(scripts)}"
+    assert "meshnet_lesion/models.json" in resources
+    bundled = {f"meshnet_lesion/{f['bundled']}" for m in json.loads((MODULE_DIR / "meshnet_lesion" / "models.json")
                .read_text())["models"] for f in m["files"] if "bundled" in f}
     assert bundled <= set(resources), f"weights the registry ships are not packaged: {bundled - set(resources)}"
     assert "slicerMacroBuildScriptedModule" in text and "WITH_GENERIC_TESTS" in text
@@ -178,10 +178,34 @@ def test_icons_are_128_pixel_pngs():
 
 
 def test_sample_registration_uses_the_registry_entry(registry):
+    from MeshNetLesionLib.logic import SAMPLE_ID, MeshNetLesionLogic
+
     text = MODULE_FILE.read_text(encoding="utf-8")
-    assert 'SAMPLE_ID = "sample-arc-m2265-t2w"' in text and 'checksums=f"SHA256:{file.sha256}"' in text
-    entry = registry.builtin_entry("sample-arc-m2265-t2w")
-    assert re.fullmatch(r"[0-9a-f]{64}", entry.files[0].sha256) and entry.files[0].url.startswith("https://")
+    assert "MeshNetLesionLogic().sampleFile()" in text and 'checksums=f"SHA256:{file.sha256}"' in text
+    assert SAMPLE_ID == "sample-arc-m2265-t2w"
+    file = MeshNetLesionLogic(registry=registry).sampleFile()
+    assert file == registry.builtin_entry(SAMPLE_ID).files[0]
+    assert re.fullmatch(r"[0-9a-f]{64}", file.sha256) and file.url.startswith("https://")
+
+
+def _method(module_tree, class_name: str, method: str) -> ast.FunctionDef:
+    cls = next(n for n in module_tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    return next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == method)
+
+
+def test_widget_sets_its_logic_before_the_base_class_can_call_setup(module_tree):
+    """Without a parent, ScriptedLoadableModuleWidget.__init__ calls setup(), which needs self.logic."""
+    body = _method(module_tree, "MeshNetLesionWidget", "__init__").body
+    statements = [ast.unparse(node) for node in body]
+    assigns = next(i for i, text in enumerate(statements) if text.startswith("self.logic = logic"))
+    base = next(i for i, text in enumerate(statements) if text.startswith("ScriptedLoadableModuleWidget.__init__"))
+    assert assigns < base
+
+
+def test_widget_asks_the_logic_and_never_reaches_into_the_registry():
+    text = MODULE_FILE.read_text(encoding="utf-8")
+    assert "logic.registry" not in text and "Registry" not in text
+    assert "self.logic.defaultModelId()" in text and "self.logic.defaultBrainMask(" in text
 
 
 def test_slicer_requirements_are_core_dependencies():
@@ -195,7 +219,7 @@ def test_slicer_requirements_are_core_dependencies():
 
 def test_listing_models_needs_no_third_party_package():
     """The panel lists models before the first run installs pooch and friends."""
-    code = ("import sys; from MeshNetLesionLib.registry import Registry; r = Registry(); r.entries(); "
+    code = ("import sys; from meshnet_lesion.registry import Registry; r = Registry(); r.entries(); "
             "r.default_model(); r.builtin_entry('sample-arc-m2265-t2w'); "
             "heavy = [m for m in ('torch', 'scipy', 'safetensors', 'pooch', 'platformdirs') if m in sys.modules]; "
             "assert not heavy, heavy")

@@ -5,11 +5,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from conftest import SHARED
-from MeshNetLesionLib import load_volume, synth
-from MeshNetLesionLib.dataset import IGNORE, load_training_pair, read_pairs
+from meshnet_lesion import load_volume, synth
+from meshnet_lesion.dataset import IGNORE, load_training_pair, read_pairs
 
-SOOP = sorted((SHARED / "lesions" / "soop").glob("*.nii.gz"))
+
+@pytest.fixture(scope="module")
+def soop(shared):
+    """The 1,449 real SOOP stroke lesion masks (MNI space)."""
+    return sorted((shared / "lesions" / "soop").glob("*.nii.gz"))
 
 
 @pytest.fixture(scope="module")
@@ -19,25 +22,25 @@ def real_head(arc_volume, arc_result):
 
 
 @pytest.fixture(scope="module")
-def label_head(sample_paths):
+def label_head(sample_paths, shared):
     """t1_crop's brainchop subcortical labels (the peer's own output) and a brain mask grown from them."""
     t1 = load_volume(sample_paths["sample-t1-crop"])
-    labels = np.asarray(load_volume(SHARED / "reference" / "t1_crop.brainchop-0.2.5.subcortical.nii.gz").array)
+    labels = np.asarray(load_volume(shared / "reference" / "t1_crop.brainchop-0.2.5.subcortical.nii.gz").array)
     brain = ndimage.binary_fill_holes(ndimage.binary_dilation(labels > 0, iterations=2))
     return synth.label_head(t1, labels.astype(np.uint8), brain, "t1_crop")
 
 
-def test_lesion_split_is_stable_disjoint_and_about_a_tenth():
-    train, test = synth.split_lesions(SOOP)
-    assert len(SOOP) > 1000 and not set(train) & set(test) and len(train) + len(test) == len(SOOP)
-    assert 0.07 < len(test) / len(SOOP) < 0.13
-    assert synth.split_lesions(list(reversed(SOOP))) == (train, test)
+def test_lesion_split_is_stable_disjoint_and_about_a_tenth(soop):
+    train, test = synth.split_lesions(soop)
+    assert len(soop) > 1000 and not set(train) & set(test) and len(train) + len(test) == len(soop)
+    assert 0.07 < len(test) / len(soop) < 0.13
+    assert synth.split_lesions(list(reversed(soop))) == (train, test)
 
 
-def test_placed_lesions_keep_a_plausible_size_and_stay_in_parenchyma(real_head):
+def test_placed_lesions_keep_a_plausible_size_and_stay_in_parenchyma(real_head, soop):
     rng = np.random.default_rng(0)
     checked = 0
-    for path in SOOP[:40:4]:
+    for path in soop[:40:4]:
         source = synth.LesionSource.load(path)
         placed = synth.place_lesion(source, real_head, rng)
         if placed is None:
@@ -52,9 +55,9 @@ def test_placed_lesions_keep_a_plausible_size_and_stay_in_parenchyma(real_head):
     assert checked >= 5
 
 
-def test_real_head_rendering_marks_its_own_lesion_and_paints_hyperintense_lesions(real_head, arc_volume):
+def test_real_head_rendering_marks_its_own_lesion_and_paints_hyperintense_lesions(real_head, arc_volume, soop):
     before = arc_volume.array.copy()
-    image, mask, info = synth.render(real_head, [synth.LesionSource.load(p) for p in SOOP[:2]],
+    image, mask, info = synth.render(real_head, [synth.LesionSource.load(p) for p in soop[:2]],
                                      np.random.default_rng(5))
     assert np.array_equal(arc_volume.array, before)           # the real scan is never modified
     assert image.dtype == np.uint8 and image.shape == synth.SHAPE and mask.shape == synth.SHAPE
@@ -66,8 +69,8 @@ def test_real_head_rendering_marks_its_own_lesion_and_paints_hyperintense_lesion
     assert image[core].mean() > image[real_head.placeable & ~lesion].mean() + 20   # T2-bright
 
 
-def test_label_head_rendering_is_reproducible_and_lesion_free_has_no_lesion(label_head):
-    masks = [synth.LesionSource.load(p) for p in SOOP[10:12]]
+def test_label_head_rendering_is_reproducible_and_lesion_free_has_no_lesion(label_head, soop):
+    masks = [synth.LesionSource.load(p) for p in soop[10:12]]
     first = synth.render(label_head, masks, np.random.default_rng([7, 0]))
     second = synth.render(label_head, masks, np.random.default_rng([7, 0]))
     assert np.array_equal(first[0], second[0]) and np.array_equal(first[1], second[1])
@@ -77,8 +80,8 @@ def test_label_head_rendering_is_reproducible_and_lesion_free_has_no_lesion(labe
     assert not np.array_equal(image, first[0])
 
 
-def test_written_dataset_reads_back_as_training_pairs(real_head, tmp_path):
-    pairs_csv = synth.write_dataset(tmp_path / "set", real_head, SOOP[:20], count=2, seed=3)
+def test_written_dataset_reads_back_as_training_pairs(real_head, tmp_path, soop):
+    pairs_csv = synth.write_dataset(tmp_path / "set", real_head, soop[:20], count=2, seed=3)
     pairs = read_pairs(pairs_csv)
     assert [p[0].name for p in pairs] == ["000_T2w.nii.gz", "001_T2w.nii.gz"]
     image, mask = load_training_pair(*pairs[0])
@@ -86,5 +89,5 @@ def test_written_dataset_reads_back_as_training_pairs(real_head, tmp_path):
     assert IGNORE in mask and set(np.unique(mask)) <= {0, 1, IGNORE}
     record = (tmp_path / "set" / "synth.json").read_text()
     assert '"seed": 3' in record and "bwsrsub-" in record
-    again = synth.write_dataset(tmp_path / "again", real_head, SOOP[:20], count=2, seed=3, workers=2)
+    again = synth.write_dataset(tmp_path / "again", real_head, soop[:20], count=2, seed=3, workers=2)
     assert (load_volume(again.parent / "001_T2w.nii.gz").array == load_volume(pairs[1][0]).array).all()

@@ -1,4 +1,4 @@
-"""Training recipe, folds and metrics: each checked against numbers worked out by hand."""
+"""Training recipe and metrics: each checked against numbers worked out by hand."""
 from __future__ import annotations
 
 import math
@@ -7,12 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from MeshNetLesionLib import MeshNet
-from MeshNetLesionLib.folds import VOLUME_CUT_POINTS, nested_folds, volume_stratum
-from MeshNetLesionLib.metrics import (average_volume_difference, compare_models, dice, holm, matthews,
-                                      volume_difference_ml)
-from MeshNetLesionLib.training import (TrainConfig, make_loss, make_optimizer, make_scheduler, read_training_record,
-                                       save_checkpoint, train)
+from meshnet_lesion import MeshNet
+from meshnet_lesion.metrics import average_volume_difference, compare_models, dice, holm, matthews, volume_difference_ml
+from meshnet_lesion.training import (
+    TrainConfig,
+    make_loss,
+    make_optimizer,
+    make_scheduler,
+    read_training_record,
+    save_checkpoint,
+    train,
+)
 
 
 # ------------------------------------------------------------------ loss
@@ -53,34 +58,6 @@ def test_optimizer_and_one_cycle_schedule_follow_the_recipe():
     assert peak == pytest.approx(10, abs=1) and rates[peak] == pytest.approx(1e-3)   # 1 % warm-up
     assert all(b <= a for a, b in zip(rates[peak:], rates[peak + 1:]))             # then anneals
     assert rates[-1] < 1e-6
-
-
-# ------------------------------------------------------------------ folds
-def test_every_fold_covers_every_lesion_size_stratum_and_both_acquisitions():
-    rng = np.random.default_rng(3)   # a quarter of the cohort in each quartile, as ARC by construction
-    cuts = VOLUME_CUT_POINTS
-    volumes = np.concatenate([rng.integers(cuts[q], cuts[q + 1], size=22 + (q < 2)) for q in range(4)])
-    acquisitions = rng.permutation(["space"] * 60 + ["tse"] * 30).tolist()
-    strata = {volume_stratum(v) for v in volumes}
-    assert strata == {0, 1, 2, 3}
-    folds = nested_folds(volumes, acquisitions)
-    assert len(folds) == 3
-    tests = [set(f.test) for f in folds]
-    assert set().union(*tests) == set(range(90)) and sum(map(len, tests)) == 90       # a partition
-    for fold in folds:
-        assert {volume_stratum(volumes[i]) for i in fold.test} == strata
-        assert {acquisitions[i] for i in fold.test} == {"space", "tse"}
-        assert len(fold.inner) == 3
-        outer_train = set(range(90)) - set(fold.test)
-        assert set(fold.train_all) == outer_train
-        for train_idx, valid_idx in fold.inner:
-            assert set(train_idx) | set(valid_idx) == outer_train and not set(train_idx) & set(valid_idx)
-            assert {volume_stratum(volumes[i]) for i in valid_idx} == strata
-
-
-def test_volume_strata_use_the_paper_cut_points():
-    assert [volume_stratum(v) for v in (0, 203, 33_618, 33_619, 67_891, 128_313, 128_314, 10 ** 6)] == \
-        [0, 0, 0, 1, 2, 2, 3, 3]
 
 
 # ------------------------------------------------------------------ metrics
@@ -133,7 +110,7 @@ def test_two_epochs_on_tiny_volumes_lower_the_loss_and_validate_with_the_engine(
 def test_hyperparameter_search_samples_the_paper_space_prunes_by_epochs_and_resumes(tmp_path):
     import optuna
 
-    from MeshNetLesionLib.training import SEARCH_SPACE, tune
+    from meshnet_lesion.training import SEARCH_SPACE, tune
 
     data = [_blobs(i, size=16) for i in range(3)]
     base = TrainConfig(mixed_precision=False, device="cpu")
@@ -204,7 +181,7 @@ def test_a_checkpoint_reloads_bit_exactly(tmp_path):
 
 # ------------------------------------------------------------------ command line
 def _write_pairs(tmp_path, seeds):
-    from MeshNetLesionLib import save_volume
+    from meshnet_lesion import save_volume
 
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
     rows = ["image,mask"]
@@ -220,9 +197,9 @@ def _write_pairs(tmp_path, seeds):
 def test_evaluate_scores_each_pair_on_its_own_grid(tmp_path, registry):
     import json
 
-    from MeshNetLesionLib import Segmenter, load_volume
-    from MeshNetLesionLib.cli import main
-    from MeshNetLesionLib.metrics import scores
+    from meshnet_lesion import Segmenter, load_volume
+    from meshnet_lesion.cli import main
+    from meshnet_lesion.metrics import scores
 
     pairs = _write_pairs(tmp_path, [1, 2])
     assert main(["evaluate", str(pairs), "--model", "t2lesion-meshnet11", "--no-brain-mask", "--device", "cpu",
@@ -240,10 +217,10 @@ def test_evaluate_scores_each_pair_on_its_own_grid(tmp_path, registry):
 def test_evaluate_leaves_voxels_marked_ignore_out_of_the_scores(tmp_path, registry):
     import json
 
-    from MeshNetLesionLib import Segmenter, load_volume, save_volume
-    from MeshNetLesionLib.cli import main
-    from MeshNetLesionLib.dataset import IGNORE
-    from MeshNetLesionLib.metrics import scores
+    from meshnet_lesion import Segmenter, load_volume, save_volume
+    from meshnet_lesion.cli import main
+    from meshnet_lesion.dataset import IGNORE
+    from meshnet_lesion.metrics import scores
 
     pairs = _write_pairs(tmp_path, [5])
     mask = np.asarray(load_volume(tmp_path / "s5_mask.nii.gz").array).copy()
@@ -261,15 +238,15 @@ def test_evaluate_leaves_voxels_marked_ignore_out_of_the_scores(tmp_path, regist
 
 
 def _touch_nifti(path, value: int = 1):
-    from MeshNetLesionLib import save_volume
+    from meshnet_lesion import save_volume
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_volume(path, np.full((4, 4, 4), value, np.uint8), np.eye(4))
 
 
 def test_bids_discovery_keeps_space_t2w_with_masks_and_drops_turbo_spin_echo(tmp_path):
-    from MeshNetLesionLib import InputError
-    from MeshNetLesionLib.dataset import read_bids, read_pairs_or_bids
+    from meshnet_lesion import InputError
+    from meshnet_lesion.dataset import read_bids, read_pairs_or_bids
 
     anat = "{s}/ses-1/anat/{s}_ses-1_acq-{a}_run-1_T2w.nii.gz"
     lesion = "derivatives/lesion_masks/{s}/ses-1/anat/{s}_ses-1_acq-{a}_run-1_T2w_desc-lesion_mask.nii.gz"
@@ -288,8 +265,8 @@ def test_bids_discovery_keeps_space_t2w_with_masks_and_drops_turbo_spin_echo(tmp
 
 
 def test_train_command_writes_an_importable_model(tmp_path):
-    from MeshNetLesionLib import Registry
-    from MeshNetLesionLib.cli import main
+    from meshnet_lesion import Registry
+    from meshnet_lesion.cli import main
 
     pairs = _write_pairs(tmp_path, [3, 4])
     out = tmp_path / "model" / "meshnet5.safetensors"

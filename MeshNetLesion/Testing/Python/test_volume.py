@@ -6,7 +6,7 @@ import nrrd
 import numpy as np
 import pytest
 
-from MeshNetLesionLib import InputError, Volume, load_volume, save_volume
+from meshnet_lesion import InputError, Volume, load_volume, save_volume
 
 
 @pytest.fixture

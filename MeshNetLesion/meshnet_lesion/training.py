@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -55,10 +55,6 @@ class History:
     seconds: float = 0.0
     restart: int = 0
 
-    @property
-    def best_dice(self) -> float:
-        return max(self.validation_dice, default=math.nan)
-
 
 def make_loss(config: TrainConfig, device: torch.device | str = "cpu") -> nn.CrossEntropyLoss:
     weight = torch.tensor([config.background_weight, 1.0], device=device)
@@ -81,7 +77,7 @@ def _autocast(device: torch.device, enabled: bool):
         return torch.autocast(device.type, enabled=False)
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
-    from .engine import cpu_has_native_bf16
+    from .devices import cpu_has_native_bf16
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cpu" and cpu_has_native_bf16())
 
 
@@ -108,7 +104,7 @@ def train(samples: Callable[[int], Iterable[Sample]], steps_per_epoch: int, conf
     history)`` runs after each epoch's validation (a hyperparameter search reports there, and may
     raise to stop the run).
     """
-    from .engine import resolve_device
+    from .devices import resolve_device
 
     device = resolve_device(config.device)
     rank, world, owns_group = _join_process_group(device)

@@ -1,8 +1,11 @@
-"""Label clean-up: connected components, brainchop's largest-component rule, minimum lesion size."""
+"""After the network: brain restriction, connected components, brainchop's largest-component rule,
+minimum lesion size, and the way back from the conformed grid to the source grid."""
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+
+from .conform import Conformed, to_source
 
 FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connected, as brainchop (niimath -bwlabel 26)
 
@@ -49,3 +52,30 @@ def remove_small_components(mask: np.ndarray, min_voxels: float) -> np.ndarray:
     keep = sizes >= min_voxels
     keep[0] = False
     return keep[components]
+
+
+def lesion_to_source(probability: np.ndarray, conformed: Conformed, brain: np.ndarray | None,
+                     min_lesion_ml: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Lesion probability (256³) → restricted to the brain → trilinear onto the source grid → > 0.5,
+    then components under ``min_lesion_ml`` (measured on the source grid) removed.
+
+    Interpolating the probability rather than the labels gives smooth boundaries on finer or
+    oblique source grids; on the conformed grid itself it equals the argmax.
+    """
+    if brain is not None:
+        probability = np.where(brain, probability, np.float32(0.0))
+    source_probability = to_source(probability, conformed, order=1)
+    lesion = source_probability > 0.5
+    voxel_ml = abs(float(np.linalg.det(conformed.source_affine[:3, :3]))) / 1000.0
+    lesion = remove_small_components(lesion, min_lesion_ml / voxel_ml)
+    return lesion.astype(np.uint8), source_probability
+
+
+def labels_to_source(labels: np.ndarray, conformed: Conformed, brain: np.ndarray | None,
+                     largest: bool) -> np.ndarray:
+    """Class labels (256³) → restricted to the brain → brainchop's largest component → nearest onto the source."""
+    if brain is not None:
+        labels = np.where(brain, labels, 0).astype(labels.dtype)
+    if largest:
+        labels = largest_component(labels)
+    return to_source(labels, conformed, order=0)

@@ -11,13 +11,13 @@ import json
 import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from . import __version__
+from ._version import __version__
 from .errors import Cancelled, InputError, MeshNetLesionError
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 1, 2, 130
+EXIT_BAD_INPUT, EXIT_CANCELLED = 2, 130
 _SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mgz", ".mgh", ".img", ".hdr")
 
 
@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=_evaluate)
 
     trainer = commands.add_parser("train", help="train a MeshNet lesion model (the paper's recipe by default); "
-                                  "several GPUs: torchrun --nproc-per-node N -m MeshNetLesionLib.cli train ...")
+                                  "several GPUs: torchrun --nproc-per-node N -m meshnet_lesion.cli train ...")
     trainer.add_argument("pairs", type=Path,
                          help="CSV with image,mask rows, or an ARC-like BIDS folder (SPACE T2w only)")
     trainer.add_argument("-o", "--output", required=True, type=Path, help="the .safetensors file to write")
@@ -173,17 +173,16 @@ def _plan(args: argparse.Namespace) -> list[dict[str, Path | None]]:
     stems = [_stem(p) for p in args.inputs]
     if batch and len(set(stems)) != len(stems):
         raise InputError("several inputs have the same file name; their outputs would collide")
-    plans = []
-    for path, stem in zip(args.inputs, stems):
-        def place(flag: str, suffix: str) -> Path | None:
-            target = getattr(args, flag)
-            if target is None:
-                return None
-            return target / f"{stem}{suffix}" if batch else target
-        plans.append({"input": path, "output": place("output", "_seg.nii.gz"),
-                      "probabilities": place("probabilities", "_prob.nii.gz"),
-                      "report": place("report", "_report.json"), "preview": place("preview", "_preview.png")})
-    return plans
+    def place(flag: str, stem: str, suffix: str) -> Path | None:
+        target = getattr(args, flag)
+        if target is None:
+            return None
+        return target / f"{stem}{suffix}" if batch else target
+
+    return [{"input": path, "output": place("output", stem, "_seg.nii.gz"),
+             "probabilities": place("probabilities", stem, "_prob.nii.gz"),
+             "report": place("report", stem, "_report.json"), "preview": place("preview", stem, "_preview.png")}
+            for path, stem in zip(args.inputs, stems)]
 
 
 def _segment(args: argparse.Namespace) -> int:
@@ -255,7 +254,7 @@ class _ProgressBar:
     def __init__(self, name: str, enabled: bool) -> None:
         self.name, self.enabled, self.bar = name, enabled, None
 
-    def __enter__(self) -> "_ProgressBar":
+    def __enter__(self) -> _ProgressBar:
         if self.enabled:
             from tqdm import tqdm
 
@@ -298,7 +297,7 @@ def _models_list(args: argparse.Namespace) -> int:
         return 0
     default = registry.default_model().id
     for entry in entries:
-        state = "here" if registry.is_available(entry.id) else f"download {entry.download_size / 1e6:.1f} MB"
+        state = "here" if registry.is_available(entry) else f"download {entry.download_size / 1e6:.1f} MB"
         mark = "*" if entry.id == default else " "
         print(f"{mark} {entry.id:<26} {entry.kind:<6} {entry.origin:<8} {state:<18} {entry.title}")
     return 0
@@ -314,7 +313,7 @@ def _models_show(args: argparse.Namespace) -> int:
 def _models_fetch(args: argparse.Namespace) -> int:
     registry = _registry()
     for entry_id in args.ids:
-        for name, path in registry.fetch(entry_id).items():
+        for path in registry.fetch(entry_id).values():
             print(path)
     return 0
 
@@ -341,43 +340,13 @@ def _models_clear(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- evaluate / train
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
+    from .dataset import read_pairs_or_bids
+    from .evaluation import evaluate
 
-    from .dataset import IGNORE, mask_on_source, read_pairs_or_bids
-    from .metrics import compare_models, scores
-    from .pipeline import Segmenter
-    from .volume import load_volume
-
-    pairs = read_pairs_or_bids(args.pairs)
     registry = _registry()
-    models = args.models or [registry.default_model().id]
-    report: dict = {"pairs": str(args.pairs), "models": {}}
-    for model_id in models:
-        segmenter = Segmenter(model_id, registry=registry, device=args.device, brain_mask=args.brain_mask)
-        rows = []
-        for image_path, mask_path in pairs:
-            image = load_volume(image_path)
-            truth = mask_on_source(load_volume(mask_path), image, str(mask_path))
-            result = segmenter.segment(image)
-            scored = truth != IGNORE
-            predicted = (result.labels > 0) & scored
-            rows.append({"image": str(image_path), **scores(predicted, truth == 1, result.voxel_volume_ml),
-                         "predicted_ml": float(np.count_nonzero(predicted)) * result.voxel_volume_ml,
-                         "true_ml": float(np.count_nonzero(truth == 1)) * result.voxel_volume_ml,
-                         "seconds": result.timings_s["total"]})
-            print(f"{model_id}  {image_path.name}: Dice {rows[-1]['dice']:.3f}, AVD {rows[-1]['avd']:.3f}, "
-                  f"MCC {rows[-1]['mcc']:.3f}, lesion {rows[-1]['predicted_ml']:.1f} mL "
-                  f"(truth {rows[-1]['true_ml']:.1f} mL)")
-        summary = {k: float(np.nanmean([r[k] for r in rows])) if any(np.isfinite(r[k]) for r in rows) else None
-                   for k in ("dice", "avd", "mcc", "predicted_ml", "true_ml")}
-        report["models"][model_id] = {"subjects": rows, "mean": summary}
-        print(f"{model_id}: mean " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if v is not None))
-    if len(models) > 1 and len(pairs) > 1:
-        report["wilcoxon_holm_dice"] = compare_models(
-            {m: [r["dice"] for r in report["models"][m]["subjects"]] for m in models})
-        for row in report["wilcoxon_holm_dice"]:
-            print(f"{row['a']} vs {row['b']}: median Dice difference {row['median_difference']:+.3f}, "
-                  f"Holm-corrected p {row['p_holm']:.3g}")
+    report = {"pairs": str(args.pairs),
+              **evaluate(read_pairs_or_bids(args.pairs), args.models or [registry.default_model().id],
+                         registry=registry, device=args.device, brain_mask=args.brain_mask, progress=print)}
     if args.report:
         print(f"wrote {_write_json(args.report, report)}")
     return 0

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -101,7 +101,7 @@ def mask_on_source(mask: Volume, image: Volume, name: str = "mask") -> np.ndarra
 
 def load_training_pair(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(normalised conformed image float32, conformed mask uint8 with 0/1/IGNORE), both 256³, as the engine sees them."""
-    from .pipeline import normalize
+    from .preprocess import normalize
 
     image = load_volume(image_path)
     mask = mask_on_source(load_volume(mask_path), image, str(mask_path))

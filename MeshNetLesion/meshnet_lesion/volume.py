@@ -46,7 +46,7 @@ class Volume:
         object.__setattr__(self, "affine", affine)
 
     @classmethod
-    def from_kji(cls, array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> "Volume":
+    def from_kji(cls, array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> Volume:
         """Build from a Slicer-style (k, j, i) array and IJKToRAS matrix (the array is not copied)."""
         return cls(np.asarray(array_kji).transpose(2, 1, 0), ijk_to_ras)
 

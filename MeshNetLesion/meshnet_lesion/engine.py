@@ -18,24 +18,23 @@ order of floating-point additions changes (measured: labels equal on ≥ 99.999 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import Cancelled, DeviceError, ModelError
-from .model import LoadedModel
-from .spec import LayerSpec
+from .devices import PRECISIONS, resolve_device, resolve_precision
+from .errors import ModelError
+from .progress import CancelToken, Progress, ProgressCallback
+from .spec import LayerSpec, LoadedModel
 
-ProgressCallback = Callable[[float, str], None]
 # Bytes of one layer's output per streaming step (CPU) and per slab of a GroupNorm layer. Small
 # steps keep the working set in cache and the peak memory low; on a GPU one step is the volume.
 STEP_BYTES_CPU = 28 * 2 ** 20
 SLAB_BYTES_CPU = 256 * 2 ** 20
 STEP_BYTES_GPU = 4 * 2 ** 30
-_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # aten::convolution.out writes into a given tensor (absent from some older PyTorch builds).
 _CONV_OUT = getattr(getattr(torch.ops.aten, "convolution", None), "out", None)
 _MKLDNN_CONV = getattr(torch.ops.aten, "mkldnn_convolution", None) if torch.backends.mkldnn.is_available() else None
@@ -49,10 +48,6 @@ _SLOW_PATH_LIMIT = 20480
 def _takes_slow_kernel(piece: torch.Tensor) -> bool:
     return (_MKLDNN_CONV is not None and piece.device.type == "cpu" and piece.dtype == torch.float32
             and piece.shape[0] * piece.shape[1] * piece.shape[2] * piece.shape[3] <= _SLOW_PATH_LIMIT)
-
-
-class CancelToken(Protocol):
-    def is_set(self) -> bool: ...
 
 
 @dataclass
@@ -78,62 +73,6 @@ class _Prepared:
     weights: list[torch.Tensor]
     biases: list[torch.Tensor | None]
     widths: list[int]             # output channels of each layer as run
-
-
-def available_devices() -> dict[str, str | None]:
-    """Each device kind mapped to None if usable here, else the reason it is not."""
-    reasons: dict[str, str | None] = {"cpu": None}
-    if torch.cuda.is_available():
-        reasons["cuda"] = None
-    elif torch.version.cuda is None:
-        reasons["cuda"] = f"this PyTorch ({torch.__version__}) is built without CUDA"
-    else:
-        reasons["cuda"] = "no CUDA GPU is visible to PyTorch"
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        reasons["mps"] = None
-    else:
-        reasons["mps"] = "Apple Metal (MPS) is not available on this machine"
-    return reasons
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; an explicit device that is missing is an error."""
-    name = (name or "auto").lower()
-    reasons = available_devices()
-    if name == "auto":
-        for kind in ("cuda", "mps"):
-            if reasons[kind] is None:
-                return torch.device(kind)
-        return torch.device("cpu")
-    kind = name.split(":")[0]
-    if kind not in reasons:
-        raise DeviceError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)")
-    if reasons[kind] is not None:
-        raise DeviceError(f"device '{name}' was requested but {reasons[kind]}")
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise DeviceError(f"device '{name}' was requested but only {torch.cuda.device_count()} CUDA GPU(s) exist")
-    return device
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 convolutions run natively; elsewhere they are emulated and slow."""
-    check = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(f() for f in check if f is not None)
-
-
-def resolve_precision(precision: str, device: torch.device) -> tuple[str, list[str]]:
-    """The precision to run and any warning. ``auto``: fp16 on CUDA, fp32 elsewhere (reproducible)."""
-    if precision == "auto":
-        return ("fp16" if device.type == "cuda" else "fp32"), []
-    if precision not in _PRECISIONS:
-        raise DeviceError(f"unknown precision '{precision}' (use auto, fp32, fp16 or bf16)")
-    if precision == "fp16" and device.type == "cpu":
-        raise DeviceError("fp16 is not supported on the CPU; use fp32 or bf16")
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        return "fp32", ["this CPU has no native bf16 (AVX-512 BF16 or AMX); fp32 was used"]
-    return precision, []
 
 
 def padded_width(channels: int, device: torch.device) -> int:
@@ -221,11 +160,12 @@ class Engine:
     @torch.inference_mode()
     def _run(self, volume: np.ndarray, device: torch.device, precision: str, probability_classes: Sequence[int],
              progress: ProgressCallback | None, cancel: CancelToken | None) -> EngineOutput:
-        dtype = _PRECISIONS[precision]
+        dtype = PRECISIONS[precision]
         prepared = self._prepare(device, dtype)
         x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
         x = x.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
-        tracker = _Tracker(progress, cancel, [l.spec.macs_per_voxel for l in self._layers], volume.shape[0])
+        tracker = _Tracker(Progress(progress, cancel), [layer.spec.macs_per_voxel for layer in self._layers],
+                           volume.shape[0])
         result = None
         for start, stop in self._segments():
             if self._layers[start].spec.norm == "group":
@@ -301,7 +241,7 @@ class Engine:
 
     # ---------------------------------------------------------------- streamed segments
     def _stream(self, x: torch.Tensor, start: int, stop: int, prepared: _Prepared, probability_classes: list[int],
-                tracker: "_Tracker") -> tuple[torch.Tensor | None, tuple | None]:
+                tracker: _Tracker) -> tuple[torch.Tensor | None, tuple | None]:
         """Run layers [start, stop) as a wavefront over rows of the first axis.
 
         Layer j computes up to ``step`` new rows once its input holds them plus its padding, and
@@ -394,7 +334,7 @@ class Engine:
             probabilities[:, lo:hi] = torch.softmax(logits, dim=1)[:, probability_classes].T.reshape(-1, *shape).cpu().numpy()
 
     # ---------------------------------------------------------------- GroupNorm layers (barriers)
-    def _group_norm_layer(self, x: torch.Tensor, index: int, prepared: _Prepared, tracker: "_Tracker") -> torch.Tensor:
+    def _group_norm_layer(self, x: torch.Tensor, index: int, prepared: _Prepared, tracker: _Tracker) -> torch.Tensor:
         """Whole-volume GroupNorm (one group per channel, no affine): conv + statistics, then normalise."""
         spec = self._layers[index].spec
         depth, height, width = x.shape[2:]
@@ -449,7 +389,7 @@ class _Window:
         self.buffer[:, :, :pad] = 0
 
     @classmethod
-    def holding(cls, tensor: torch.Tensor, pad: int) -> "_Window":
+    def holding(cls, tensor: torch.Tensor, pad: int) -> _Window:
         """A window over a whole tensor (copied once, with its zero rows)."""
         window = cls.__new__(cls)
         window.depth, window.pad = tensor.shape[2], pad
@@ -503,22 +443,15 @@ def _activate_(t: torch.Tensor, activation: str) -> None:
 class _Tracker:
     """Progress as the share of multiply-accumulates done (per layer and rows), and cancellation."""
 
-    def __init__(self, progress: ProgressCallback | None, cancel: CancelToken | None, macs: list[int],
-                 depth: int) -> None:
-        self.progress, self.cancel, self.macs, self.depth = progress, cancel, macs, depth
+    def __init__(self, progress: Progress, macs: list[int], depth: int) -> None:
+        self.progress, self.macs = progress, macs
         self.total = float(sum(macs) * depth)
         self.done_macs = 0.0
-        self.layers = len(macs)
-
-    def check(self) -> None:
-        if self.cancel is not None and self.cancel.is_set():
-            raise Cancelled("segmentation was cancelled")
+        self.check = progress.check
 
     def advance(self, layer: int, rows: float) -> None:
         self.done_macs += self.macs[layer] * rows
-        if self.progress is not None:
-            self.progress(min(1.0, self.done_macs / self.total), f"layer {layer + 1} of {self.layers}")
+        self.progress.report(self.done_macs / self.total, f"layer {layer + 1} of {len(self.macs)}")
 
     def done(self) -> None:
-        if self.progress is not None:
-            self.progress(1.0, "network done")
+        self.progress.report(1.0, "network done")

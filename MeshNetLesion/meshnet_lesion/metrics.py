@@ -1,6 +1,7 @@
 """Lesion segmentation metrics as the MeshNet paper reports them, and the paired tests between models.
 
-- Dice: 2|P∩T| / (|P| + |T|); 1 when both are empty (nothing to find, nothing found).
+- Dice: 2|P∩T| / (|P| + |T|); 1 when both are empty (nothing to find, nothing found), unless the
+  caller says otherwise.
 - Average volume difference (AVD): |V(P) − V(T)| / V(T), the relative error of the lesion volume;
   undefined (NaN) when the truth is empty, where :func:`volume_difference_ml` still applies.
 - Matthews correlation coefficient over all voxels (true negatives count, unlike Dice).
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -25,9 +26,10 @@ def _confusion(prediction: np.ndarray, truth: np.ndarray) -> tuple[int, int, int
     return tp, fp, fn, p.size - tp - fp - fn
 
 
-def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+def dice(prediction: np.ndarray, truth: np.ndarray, *, empty: float = 1.0) -> float:
+    """Dice of the non-zero voxels; ``empty`` when both are empty (1: nothing to find, nothing found)."""
     tp, fp, fn, _ = _confusion(prediction, truth)
-    return 1.0 if tp + fp + fn == 0 else 2.0 * tp / (2 * tp + fp + fn)
+    return empty if tp + fp + fn == 0 else 2.0 * tp / (2 * tp + fp + fn)
 
 
 def average_volume_difference(prediction: np.ndarray, truth: np.ndarray) -> float:

@@ -9,26 +9,23 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from .conform import SHAPE, Conformed, conform, to_source
-from .engine import CancelToken, Engine, ProgressCallback
-from .errors import Cancelled, InputError, ModelError
-from .postprocess import brain_region, component_sizes, largest_component, remove_small_components
+from .engine import Engine
+from .errors import InputError, ModelError
+from .postprocess import brain_region, component_sizes, labels_to_source, lesion_to_source
+from .preprocess import CROP_MARGIN, head_box, normalize
+from .progress import CancelToken, Progress, ProgressCallback
 from .registry import DownloadProgress, Entry, Registry
-from .spec import ClassSpec, ModelSpec, Normalization
+from .spec import ClassSpec, ModelSpec
 from .volume import Volume, validate
 
 BRAIN_MODEL_ID = "brainchop-mindgrab"
-# Voxels of context kept around the head before inference. MeshNet's receptive field reaches
-# ~45 voxels, so cropping changes outputs near the crop border; 32 voxels gave a label map equal
-# to whole-grid inference on the ARC sample (18 voxels, T2lesion's choice, changed 6 voxels) at
-# ~30 % less compute. A registry entry can set its own ("inference": {"crop_margin": null} runs
-# the whole grid, as brainchop does).
-CROP_MARGIN = 32
+# Progress shares of conforming at the start and of going back to the source grid at the end.
 _CONFORM_SHARE, _FINISH_SHARE = 0.04, 0.06
 
 
@@ -103,47 +100,6 @@ class SegmentationResult:
         }
 
 
-def normalize(array: np.ndarray, method: Normalization) -> np.ndarray:
-    """Input normalisation over the whole conformed volume, as the model was trained."""
-    a = np.asarray(array, dtype=np.float32)
-    if method.method == "minmax":
-        lo, hi = float(a.min()), float(a.max())
-        return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-    lo, hi = np.quantile(a, [method.low, method.high])
-    return np.clip((a - lo) / (hi - lo + method.eps), 0.0, 1.0).astype(np.float32)
-
-
-def head_box(conformed: np.ndarray, margin: int | None) -> tuple[slice, slice, slice]:
-    """Bounding box of the non-zero voxels plus ``margin`` (the whole grid if ``margin`` is None)."""
-    if margin is None:
-        return tuple(slice(0, n) for n in conformed.shape)  # type: ignore[return-value]
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(conformed.any(axis=other))
-        box.append(slice(max(0, int(hits[0]) - margin), min(conformed.shape[axis], int(hits[-1]) + 1 + margin)))
-    return tuple(box)  # type: ignore[return-value]
-
-
-class _Stages:
-    """Turns per-stage progress into one monotone 0..1 progress with stage text, and checks cancel."""
-
-    def __init__(self, progress: ProgressCallback | None, cancel: CancelToken | None) -> None:
-        self.progress, self.cancel, self.done = progress, cancel, 0.0
-
-    def check(self) -> None:
-        if self.cancel is not None and self.cancel.is_set():
-            raise Cancelled("segmentation was cancelled")
-
-    def report(self, fraction: float, stage: str) -> None:
-        self.done = max(self.done, min(1.0, fraction))
-        if self.progress is not None:
-            self.progress(self.done, stage)
-
-    def within(self, start: float, share: float, prefix: str) -> Callable[[float, str], None]:
-        return lambda f, stage: self.report(start + share * f, f"{prefix}: {stage}")
-
-
 class Segmenter:
     """Loads a model (and the brain-extraction model it needs) once; segments any number of volumes."""
 
@@ -157,7 +113,7 @@ class Segmenter:
         if min_lesion_ml < 0:
             raise InputError("the minimum lesion size cannot be negative")
         started = time.perf_counter()
-        self.engine = Engine(self.registry.load(self.entry.id, download_progress), device, precision)
+        self.engine = Engine(self.registry.load(self.entry, download_progress), device, precision)
         self.spec: ModelSpec = self.engine.spec
         self.task = self.entry.task or ("lesion" if self.spec.num_classes == 2 else "segmentation")
         if self.task == "lesion" and self.spec.num_classes != 2:
@@ -165,7 +121,8 @@ class Segmenter:
         wants_brain = self.entry.postprocess.get("brain_mask", False) if brain_mask is None else brain_mask
         self.brain_engine: Engine | None = None
         if wants_brain:
-            self.brain_engine = Engine(self.registry.load(BRAIN_MODEL_ID, download_progress), device, precision)
+            brain_entry = self.registry.get(BRAIN_MODEL_ID)
+            self.brain_engine = Engine(self.registry.load(brain_entry, download_progress), device, precision)
         self.min_lesion_ml = float(min_lesion_ml)
         self.crop_margin = (self.entry.card.get("inference", {}).get("crop_margin", CROP_MARGIN)
                             if crop_margin == "auto" else crop_margin)
@@ -178,7 +135,7 @@ class Segmenter:
     def segment(self, volume: Volume, *, probabilities: bool = False, progress: ProgressCallback | None = None,
                 cancel: CancelToken | None = None) -> SegmentationResult:
         """Segment one volume. Raises :class:`InputError` for unusable input, :class:`Cancelled` on cancel."""
-        stages = _Stages(progress, cancel)
+        stages = Progress(progress, cancel)
         timings: dict[str, float] = {}
         warnings: list[str] = []
         started = time.perf_counter()
@@ -231,7 +188,7 @@ class Segmenter:
         return engine.run(np.ascontiguousarray(x), probability_classes=classes, progress=progress, cancel=cancel)
 
     def _finish(self, output, conformed: Conformed, box, brain, lesion_task: bool, probabilities: bool,
-                stages: _Stages) -> tuple[np.ndarray, np.ndarray | None]:
+                stages: Progress) -> tuple[np.ndarray, np.ndarray | None]:
         if lesion_task:
             probability = np.zeros(SHAPE, np.float32)
             probability[box] = output.probabilities[0]
@@ -252,33 +209,6 @@ class Segmenter:
                 channel[box] = values
                 to_source(channel, conformed, order=1, output=source_probs[index])
         return source_labels, source_probs
-
-
-def lesion_to_source(probability: np.ndarray, conformed: Conformed, brain: np.ndarray | None,
-                     min_lesion_ml: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """Lesion probability (256³) → restricted to the brain → trilinear onto the source grid → > 0.5,
-    then components under ``min_lesion_ml`` (measured on the source grid) removed.
-
-    Interpolating the probability rather than the labels gives smooth boundaries on finer or
-    oblique source grids; on the conformed grid itself it equals the argmax.
-    """
-    if brain is not None:
-        probability = np.where(brain, probability, np.float32(0.0))
-    source_probability = to_source(probability, conformed, order=1)
-    lesion = source_probability > 0.5
-    voxel_ml = abs(float(np.linalg.det(conformed.source_affine[:3, :3]))) / 1000.0
-    lesion = remove_small_components(lesion, min_lesion_ml / voxel_ml)
-    return lesion.astype(np.uint8), source_probability
-
-
-def labels_to_source(labels: np.ndarray, conformed: Conformed, brain: np.ndarray | None,
-                     largest: bool) -> np.ndarray:
-    """Class labels (256³) → restricted to the brain → brainchop's largest component → nearest onto the source."""
-    if brain is not None:
-        labels = np.where(brain, labels, 0).astype(labels.dtype)
-    if largest:
-        labels = largest_component(labels)
-    return to_source(labels, conformed, order=0)
 
 
 def segment(volume: Volume, model_id: str | None = None, *, probabilities: bool = False,

@@ -30,9 +30,10 @@ import csv
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 from scipy import ndimage
@@ -136,7 +137,7 @@ class LesionSource:
     affine: np.ndarray    # voxel -> MNI mm
 
     @classmethod
-    def load(cls, path: Path) -> "LesionSource":
+    def load(cls, path: Path) -> LesionSource:
         volume = load_volume(path)
         return cls(Path(path), np.asarray(volume.array) > 0, volume.affine)
 

@@ -16,9 +16,10 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable
 
 from .errors import IntegrityError, ModelError, UnknownModelError
 
@@ -98,6 +99,7 @@ class Registry:
         mirror = mirror if mirror is not None else os.environ.get(MIRROR_ENV)
         self.mirror = Path(mirror).expanduser() if mirror else None
         self._builtin = self._read_builtin()
+        self._imported_memo: tuple[tuple, dict[str, Entry]] | None = None
         self._mirror_index: dict[str, list[Path]] | None = None
         self._hash_memo: dict[tuple[str, int, int], str] = {}
 
@@ -126,27 +128,41 @@ class Registry:
         return entries
 
     def _imported(self) -> dict[str, Entry]:
-        entries = {}
+        """Imported models' cards, parsed again only when a card file was added, removed or changed."""
         root = self.cache_dir / "imported"
-        if root.is_dir():
-            for card in sorted(root.glob("*/entry.json")):
-                try:
-                    entry = _entry_from_dict(json.loads(card.read_text(encoding="utf-8")), "model", "imported")
-                except (OSError, json.JSONDecodeError, ModelError, KeyError):
-                    continue  # a damaged import is skipped, not fatal for the registry
-                entries[entry.id] = entry
+        cards = []
+        for card in sorted(root.glob("*/entry.json")) if root.is_dir() else ():
+            try:
+                stat = card.stat()
+            except OSError:
+                continue
+            cards.append((card, stat.st_mtime_ns, stat.st_size))
+        key = tuple(cards)
+        if self._imported_memo is not None and self._imported_memo[0] == key:
+            return self._imported_memo[1]
+        entries = {}
+        for card, _, _ in cards:
+            try:
+                entry = _entry_from_dict(json.loads(card.read_text(encoding="utf-8")), "model", "imported")
+            except (OSError, json.JSONDecodeError, ModelError, KeyError):
+                continue  # a damaged import is skipped, not fatal for the registry
+            entries[entry.id] = entry
+        self._imported_memo = (key, entries)
         return entries
 
     def entries(self, kind: str | None = None) -> list[Entry]:
         everything = {**self._builtin, **self._imported()}
         return [e for e in everything.values() if kind is None or e.kind == kind]
 
-    def get(self, entry_id: str) -> Entry:
+    def get(self, entry: Entry | str) -> Entry:
+        """The entry of an id (an :class:`Entry` is returned as it is)."""
+        if isinstance(entry, Entry):
+            return entry
         everything = {**self._builtin, **self._imported()}
-        if entry_id not in everything:
+        if entry not in everything:
             known = ", ".join(sorted(everything))
-            raise UnknownModelError(f"unknown model id '{entry_id}' (known: {known})")
-        return everything[entry_id]
+            raise UnknownModelError(f"unknown model id '{entry}' (known: {known})")
+        return everything[entry]
 
     def builtin_entry(self, entry_id: str) -> Entry:
         """A built-in entry, without looking at the cache (works before any package is installed)."""
@@ -204,14 +220,14 @@ class Registry:
             return file.bundled
         return self._from_mirror(file)
 
-    def is_available(self, entry_id: str) -> bool:
+    def is_available(self, entry: Entry | str) -> bool:
         """True if every file of the entry is on this machine (no download needed)."""
-        entry = self.get(entry_id)
+        entry = self.get(entry)
         return all(self.locate(entry, f) is not None for f in entry.files)
 
-    def fetch(self, entry_id: str, progress: DownloadProgress | None = None) -> dict[str, Path]:
+    def fetch(self, entry: Entry | str, progress: DownloadProgress | None = None) -> dict[str, Path]:
         """Local paths of all files of an entry, downloading what is missing."""
-        entry = self.get(entry_id)
+        entry = self.get(entry)
         paths = {}
         for file in entry.files:
             path = self.locate(entry, file)
@@ -238,14 +254,14 @@ class Registry:
             raise ModelError(f"{entry.id}: cannot download {file.name} from {file.url}: {error}") from error
         return target
 
-    def load(self, entry_id: str, progress: DownloadProgress | None = None):
-        """Fetch and load a model into a :class:`~.model.LoadedModel`."""
-        from .model import load_model_files
+    def load(self, entry: Entry | str, progress: DownloadProgress | None = None):
+        """Fetch and load a model into a :class:`~.spec.LoadedModel`."""
+        from .formats import load_model_files
 
-        entry = self.get(entry_id)
+        entry = self.get(entry)
         if entry.kind != "model":
-            raise ModelError(f"'{entry_id}' is a sample scan, not a model")
-        return load_model_files(self.fetch(entry_id, progress), entry.spec_overrides)
+            raise ModelError(f"'{entry.id}' is a sample scan, not a model")
+        return load_model_files(self.fetch(entry, progress), entry.spec_overrides)
 
     # ------------------------------------------------------------------ import / remove
     def import_folder(self, folder: Path, entry_id: str | None = None, title: str | None = None,
@@ -255,7 +271,7 @@ class Registry:
         The folder holds a brainchop ``model.json`` + ``model.pth``, a TensorFlow.js ``model.json``
         + ``.bin`` shards, or one of our ``.safetensors`` files; a ``colormap.json`` is kept.
         """
-        from .model import load_model_files
+        from .formats import load_model_files
 
         folder = Path(folder)
         if not folder.is_dir():
@@ -295,9 +311,9 @@ class Registry:
                 shutil.rmtree(staging)
         return self.get(entry_id)
 
-    def remove(self, entry_id: str) -> None:
+    def remove(self, entry: Entry | str) -> None:
         """Forget an imported model, or delete the cached downloads of a built-in one."""
-        entry = self.get(entry_id)
+        entry = self.get(entry)
         folder = self.cache_dir / ("imported" if entry.origin == "imported" else "files") / entry.id
         if folder.exists():
             shutil.rmtree(folder)

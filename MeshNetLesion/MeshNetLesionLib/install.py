@@ -1,0 +1,70 @@
+"""Installing what the core needs into Slicer's Python: PyTorch through the PyTorch extension, then the rest.
+
+Nothing is installed without the user's consent (a self-test passes ``askConfirmation=False``).
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import slicer
+
+try:
+    from slicer.i18n import tr as _
+except ImportError:  # slicer-core (headless, no Qt) has no translation layer
+    def _(text: str) -> str:
+        return text
+
+# Packages beyond PyTorch that the core needs in Slicer's Python (numpy ships with Slicer).
+REQUIREMENTS_FILE = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"
+
+
+def missingPackages() -> list[str]:
+    """Requirements from Resources/requirements.txt that cannot be imported (torch is separate)."""
+    names = []
+    for line in REQUIREMENTS_FILE.read_text(encoding="utf-8").splitlines():
+        requirement = line.split("#")[0].strip()
+        if requirement:
+            module = requirement.split(">")[0].split("=")[0].split("<")[0].strip().replace("-", "_")
+            if importlib.util.find_spec(module) is None:
+                names.append(requirement)
+    return names
+
+
+def ensureDependencies(askConfirmation: bool = True) -> bool:
+    """Install PyTorch (through the PyTorch extension) and the other packages, after asking.
+
+    Returns True when everything is importable; False (after telling the user why) otherwise.
+    """
+    if importlib.util.find_spec("torch") is None:
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            slicer.util.errorDisplay(_("MeshNet Lesion needs the PyTorch extension. Install 'PyTorch' from the "
+                                       "Extensions Manager and restart Slicer."))
+            return False
+        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation) is None:
+            slicer.util.errorDisplay(_("PyTorch was not installed; MeshNet Lesion cannot run without it."))
+            return False
+    missing = missingPackages()
+    if missing:
+        try:
+            import slicer.packaging as packaging  # Slicer 5.12+
+        except ImportError:
+            packaging = None
+        if packaging is not None and not slicer.app.testingEnabled():
+            try:
+                packaging.pip_ensure(missing, requester="MeshNetLesion")
+            except RuntimeError:  # the user declined
+                return False
+        else:  # Slicer 5.8/5.10, or a self-test (pip_ensure skips installs while testing)
+            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                    _("MeshNet Lesion needs these Python packages: {packages}. Install them now?").format(
+                        packages=", ".join(missing))):
+                return False
+            slicer.util.pip_install(" ".join(missing))
+    still = missingPackages()
+    if still:
+        slicer.util.errorDisplay(_("Could not install: {packages}").format(packages=", ".join(still)))
+        return False
+    return True

@@ -1,0 +1,36 @@
+"""meshnet_lesion: chronic stroke lesion segmentation on T2w MRI with MeshNet, without Slicer.
+
+    from meshnet_lesion import load_volume, segment, save_volume
+    volume = load_volume("t2.nii.gz")
+    result = segment(volume)                      # the registry's default lesion model
+    save_volume("lesion.nii.gz", result.labels, result.affine, label=True)
+"""
+from ._version import __version__
+from .errors import (
+    Cancelled,
+    DeviceError,
+    InputError,
+    IntegrityError,
+    MeshNetLesionError,
+    ModelError,
+    UnknownModelError,
+)
+from .volume import Volume, load_volume, save_volume
+
+# torch-dependent parts load on first use, so `import meshnet_lesion` stays cheap (Slicer imports
+# the module at startup, before PyTorch may even be installed).
+_LAZY = {"build_meshnet": "model", "MeshNet": "model", "load_model_files": "formats", "Segmenter": "pipeline",
+         "SegmentationResult": "pipeline", "segment": "pipeline", "Registry": "registry"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(name)
+
+
+__all__ = ["Cancelled", "DeviceError", "InputError", "IntegrityError", "MeshNet", "MeshNetLesionError",
+           "ModelError", "Registry", "SegmentationResult", "Segmenter", "UnknownModelError", "Volume", "__version__",
+           "build_meshnet", "load_model_files", "load_volume", "save_volume", "segment"]
