@@ -13,7 +13,7 @@ DEMO_DIR ?= demo-output
 # venv of its own (tinygrad; its CPU backend compiles kernels with clang).
 BRAINCHOP_VENV ?= .venv-brainchop
 
-.PHONY: test demo env bench synthetic-models clean
+.PHONY: test demo env bench quality synthetic-models clean
 
 env: $(VENV)/.installed
 
@@ -37,6 +37,11 @@ demo: env
 
 bench: $(VENV)/.bench $(BRAINCHOP_VENV)/.installed
 	$(BIN)/python benchmarks/performance.py
+
+# Robustness and agreement of the lesion models on the real ARC scan (about an hour on 2 CPU cores):
+# prints the table the README quotes and writes benchmarks/results/quality.json.
+quality: env
+	$(BIN)/python benchmarks/quality.py
 
 # Renders the synthetic data (training/.work), trains MeshNet-5/16/26 into meshnet_lesion/weights,
 # writes their registry entries and model cards with the measured metrics, and prints the held-out

@@ -50,8 +50,9 @@ class MeshNetLesion(ScriptedLoadableModule):
             "clinical use.")
         self.parent.acknowledgementText = _(
             "MeshNet: Fedorov et al., State-of-the-Art Stroke Lesion Segmentation at 1/1000th of Parameters "
-            "(2025). Default model: T2lesion (neurolabusc/T2lesion, brainchop/NiiVue developers), trained on "
-            "the Aphasia Recovery Cohort (Gibson et al., Sci Data 2024). Brain extraction: MindGrab "
+            "(2025). Default model: the paper's MeshNet-26 trained on the Aphasia Recovery Cohort (Gibson et "
+            "al., Sci Data 2024) by an independent replication (The-Obstacle-Is-The-Way/arc-meshchop). Other "
+            "ARC models: T2lesion and brainchop (brainchop/NiiVue developers). Brain extraction: MindGrab "
             "(brainchop). ")
         slicer.app.connect("startupCompleted()", onStartupCompleted)
 
@@ -412,7 +413,7 @@ class MeshNetLesionTest(ScriptedLoadableModuleTest):
         segmentation = MeshNetLesionLogic().segment(volume, device="cpu", progressCallback=lambda f, s: seen.append(f))
         lesion = self.lesionArray(segmentation, volume)
         self.assertEqual(lesion.shape, slicer.util.arrayFromVolume(volume).shape)
-        self.assertGreater(int(lesion.sum()), 20000)  # ~45.8 mL at 1 mm³
+        self.assertGreater(int(lesion.sum()), 60000)  # 82.0 mL at 1 mm³ with the default model
         self.assertEqual(seen, sorted(seen))
         self.assertEqual(seen[-1], 1.0)
         self.delayDisplay("Sample segmented")
@@ -420,7 +421,7 @@ class MeshNetLesionTest(ScriptedLoadableModuleTest):
     def test_CancelLeavesNoNodes(self):
         volume = self.loadSample()
         before = slicer.mrmlScene.GetNumberOfNodes()
-        job = MeshNetLesionLogic().segmentAsync(volume, device="cpu", brainMask=False)
+        job = MeshNetLesionLogic().segmentAsync(volume, modelId="t2lesion-meshnet11", device="cpu", brainMask=False)
         job.addProgressCallback(lambda fraction, stage: job.cancel() if fraction > 0.05 else None)
         job.wait()
         self.assertEqual(job.state, "cancelled")
@@ -433,8 +434,8 @@ class MeshNetLesionTest(ScriptedLoadableModuleTest):
         segmentation.CreateDefaultDisplayNodes()
         segmentation.GetSegmentation().AddEmptySegment("user", "User segment")
         logic = MeshNetLesionLogic()
-        logic.segment(volume, segmentation, device="cpu", brainMask=False)
-        logic.segment(volume, segmentation, device="cpu", brainMask=False)
+        logic.segment(volume, segmentation, modelId="t2lesion-meshnet11", device="cpu", brainMask=False)
+        logic.segment(volume, segmentation, modelId="t2lesion-meshnet11", device="cpu", brainMask=False)
         names = [segmentation.GetSegmentation().GetNthSegment(i).GetName()
                  for i in range(segmentation.GetSegmentation().GetNumberOfSegments())]
         self.assertEqual(names, ["User segment", "Lesion"])

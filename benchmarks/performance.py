@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -23,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MESHNET_LESION_MIRROR") or ROOT.parent / "shared" / "data")
@@ -430,19 +431,6 @@ class Bench:
 
 
 # ============================================================================ reporting
-def machine() -> dict:
-    import torch
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-            "platform": platform.platform()}
-    try:
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def _fmt(r: dict, key: str, unit: str = "s", digits: int = 1) -> str:
     if "error" in r:
         return "failed"

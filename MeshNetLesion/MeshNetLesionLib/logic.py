@@ -81,7 +81,7 @@ class MeshNetLesionLogic:
     def modelCard(self, modelId: str) -> dict[str, Any]:
         entry = self.registry.get(modelId)
         return {"id": entry.id, "title": entry.title, "origin": entry.origin,
-                "available": self.registry.is_available(entry), "download_mb": entry.download_size / 1e6,
+                "available": self.registry.is_available(entry), "download_mb": self.registry.download_size(entry) / 1e6,
                 **entry.card}
 
     def sampleFile(self):

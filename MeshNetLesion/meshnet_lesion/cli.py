@@ -56,8 +56,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="auto = fp16 on CUDA, fp32 elsewhere")
     mask = seg.add_mutually_exclusive_group()
     mask.add_argument("--no-brain-mask", dest="brain_mask", action="store_false", default=None,
-                      help="do not restrict lesions to the brain (on by default for lesion models)")
+                      help="skip brain extraction: lesions are not restricted to the brain and intensities are "
+                           "not standardised (both on by default for lesion models)")
     mask.add_argument("--brain-mask", dest="brain_mask", action="store_true", help="restrict labels to the brain")
+    seg.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
+                     help="feed the model its normalised scan as it is, without mapping the brain's intensities "
+                          "onto the model's reference landmarks")
     seg.add_argument("--min-lesion-ml", type=float, default=0.0, help="drop lesion components smaller than this")
     seg.add_argument("--probabilities", type=Path, help="also write the probability map (file, or folder in batch)")
     seg.add_argument("--report", type=Path, help="write a JSON report (file, or folder in batch)")
@@ -192,7 +196,8 @@ def _segment(args: argparse.Namespace) -> int:
     plans = _plan(args)
     show_bar = not args.quiet and sys.stderr.isatty()
     segmenter = Segmenter(args.model, device=args.device, precision=args.precision, brain_mask=args.brain_mask,
-                          min_lesion_ml=args.min_lesion_ml, crop_margin=None if args.no_crop else "auto",
+                          standardize=args.standardize, min_lesion_ml=args.min_lesion_ml,
+                          crop_margin=None if args.no_crop else "auto",
                           download_progress=_download_printer() if show_bar else None)
     failures = 0
     for plan in plans:
@@ -297,7 +302,7 @@ def _models_list(args: argparse.Namespace) -> int:
         return 0
     default = registry.default_model().id
     for entry in entries:
-        state = "here" if registry.is_available(entry) else f"download {entry.download_size / 1e6:.1f} MB"
+        state = "here" if registry.is_available(entry) else f"download {registry.download_size(entry) / 1e6:.1f} MB"
         mark = "*" if entry.id == default else " "
         print(f"{mark} {entry.id:<26} {entry.kind:<6} {entry.origin:<8} {state:<18} {entry.title}")
     return 0
@@ -313,7 +318,7 @@ def _models_show(args: argparse.Namespace) -> int:
 def _models_fetch(args: argparse.Namespace) -> int:
     registry = _registry()
     for entry_id in args.ids:
-        for path in registry.fetch(entry_id).values():
+        for path in registry.fetch_all(entry_id):
             print(path)
     return 0
 

@@ -14,7 +14,13 @@
 
 This module re-implements those steps in numpy with the same float32 arithmetic order, so the
 result can be compared voxel for voxel with the binary from the ``niimath`` PyPI package.
-The inverse (:func:`to_source`) resamples conformed labels or probabilities onto the source grid.
+
+:func:`zoom_to_grid` is the other recipe a published model was trained on (the arc-meshchop
+replication of the paper): closest canonical axes, ``scipy.ndimage.zoom`` to 1 mm, centred crop
+or pad, raw intensities. :func:`reorient` flips and swaps a grid's axes into the order a network
+expects. Every grid keeps its exact voxel-to-RAS matrix, so :func:`to_source` resamples labels or
+probabilities back onto the source grid whichever recipe made it, and :func:`between_grids`
+carries a mask from one recipe's grid to another's.
 """
 from __future__ import annotations
 
@@ -188,6 +194,73 @@ def _round_to_uint8(value: np.ndarray) -> np.ndarray:
     v = value.astype(np.float64)
     rounded = np.sign(v) * np.floor(np.abs(v) + 0.5)
     return np.clip(rounded, 0, 255).astype(np.uint8)
+
+
+def zoom_to_grid(volume: Volume) -> Conformed:
+    """The arc-meshchop preprocessing geometry, step for step (their ``preprocess_volume``, ``scipy_zoom``).
+
+    1. ``nibabel.as_closest_canonical``: axes flipped and swapped to the closest RAS+ order (no
+       resampling; an oblique scan keeps its tilt);
+    2. float32 intensities, unscaled;
+    3. ``scipy.ndimage.zoom(order=1)`` by the voxel spacing, to about 1 mm (the zoom's corner-aligned
+       grid: the first and last voxel centres stay where they were);
+    4. centred crop, then centred zero padding, to 256³.
+
+    The returned grid is RAS+ and its affine says where each of its voxels lies in the world.
+    """
+    import nibabel as nib
+    from scipy import ndimage
+
+    validate(volume)
+    affine = np.asarray(volume.affine, np.float64)
+    ornt = nib.orientations.io_orientation(affine)
+    data = np.asarray(volume.array)
+    if not np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+        data = nib.orientations.apply_orientation(data, ornt)
+        affine = affine @ nib.orientations.inv_ornt_aff(ornt, volume.shape)
+    data = np.asarray(data, dtype=np.float32)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    zoomed = ndimage.zoom(data, [float(s) for s in spacing], order=1)
+    # ndimage.zoom (grid_mode=False) maps output index o to input index o·(n_in − 1)/(n_out − 1).
+    scale = [(n_in - 1) / (n_out - 1) if n_out > 1 else 0.0 for n_in, n_out in zip(data.shape, zoomed.shape)]
+    out = np.zeros(SHAPE, np.float32)
+    source, target, shift = [], [], []
+    for n, size in zip(zoomed.shape, SHAPE):
+        crop = (n - size) // 2 if n > size else 0
+        kept = min(n, size)
+        pad = (size - kept) // 2
+        source.append(slice(crop, crop + kept))
+        target.append(slice(pad, pad + kept))
+        shift.append(crop - pad)            # grid index g holds zoomed index g + crop − pad
+    out[tuple(target)] = zoomed[tuple(source)]
+    grid_to_canonical = np.diag([*scale, 1.0])
+    grid_to_canonical[:3, 3] = np.asarray(scale) * np.asarray(shift)
+    return Conformed(out, affine @ grid_to_canonical, tuple(volume.shape), volume.affine.copy())
+
+
+def reorient(grid: Conformed, orientation: str) -> Conformed:
+    """The same grid with its axes flipped and swapped to ``orientation`` (e.g. ``RAS``); exact, no resampling."""
+    import nibabel as nib
+
+    current = nib.orientations.io_orientation(grid.affine)
+    wanted = nib.orientations.axcodes2ornt(tuple(orientation))
+    transform = nib.orientations.ornt_transform(current, wanted)
+    if np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
+        return grid
+    array = nib.orientations.apply_orientation(grid.array, transform)
+    affine = grid.affine @ nib.orientations.inv_ornt_aff(transform, grid.array.shape)
+    return Conformed(array, affine, grid.source_shape, grid.source_affine)
+
+
+def between_grids(values: np.ndarray, origin: Conformed, target: Conformed) -> np.ndarray:
+    """Labels on ``origin``'s grid resampled (nearest) onto ``target``'s; a copy when the grids coincide."""
+    from scipy import ndimage
+
+    matrix = np.linalg.inv(origin.affine) @ target.affine      # target voxel → origin voxel
+    if np.allclose(matrix, np.eye(4), atol=1e-6):
+        return np.array(values, copy=True)
+    return ndimage.affine_transform(np.asarray(values), matrix[:3, :3], offset=matrix[:3, 3], output_shape=SHAPE,
+                                    order=0, mode="constant", cval=0)
 
 
 def to_source(conformed_values: np.ndarray, conformed: Conformed, *, order: int,

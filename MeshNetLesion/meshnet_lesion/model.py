@@ -16,10 +16,7 @@ from torch import nn
 
 from .errors import ModelError
 from .formats import meshnet as meshnet_format
-from .spec import ClassSpec, LayerParams, LayerSpec, LoadedModel, ModelSpec, Normalization
-
-PAPER_DILATIONS = (1, 2, 4, 8, 16, 16, 8, 4, 2)
-LESION_CLASSES = (ClassSpec("background", (0, 0, 0)), ClassSpec("lesion", (230, 25, 25)))
+from .spec import LayerParams, LayerSpec, LoadedModel, ModelSpec, paper_spec
 
 
 class MeshNetBlock(nn.Module):
@@ -100,18 +97,6 @@ class MeshNet(nn.Module):
         if missing or unexpected:
             raise ModelError(f"{Path(path).name}: missing weights {missing}, unexpected {unexpected}")
         return module
-
-
-def paper_spec(channels: int, num_classes: int = 2) -> ModelSpec:
-    """MeshNet-X of Fedorov et al. 2025: 3×3×3 convs with dilations 1,2,4,8,16,16,8,4,2, each with
-    BatchNorm and ReLU, then a 1×1×1 classifier."""
-    if channels < 1 or num_classes < 2:
-        raise ModelError("MeshNet needs at least 1 channel and 2 classes")
-    layers = [LayerSpec(1 if i == 0 else channels, channels, 3, d, True, "batch", "relu")
-              for i, d in enumerate(PAPER_DILATIONS)]
-    layers.append(LayerSpec(channels, num_classes, 1, 1, True, "none", "none"))
-    classes = LESION_CLASSES if num_classes == 2 else ()
-    return ModelSpec(tuple(layers), Normalization("minmax"), classes)
 
 
 def build_meshnet(channels: int, num_classes: int = 2) -> MeshNet:

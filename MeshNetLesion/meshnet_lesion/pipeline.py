@@ -1,9 +1,11 @@
 """The one segmentation path every front end uses (CLI, Slicer logic, benchmarks, training's validation).
 
-    conform (256³, 1 mm, LIA, uint8) → normalise (per model) → crop to the head (+ margin)
-    → [brain-extraction network → brain mask] → network → restrict to brain / largest component
-    → uncrop → back to the source grid (lesion probability trilinear, then > 0.5; labels nearest)
-    → minimum lesion size (in the source grid, in mL)
+    the model's grid (niimath conform, or arc-meshchop's zoom; its axis order) → [brain-extraction
+    network on its own grid → brain mask, carried onto the model's grid] → normalise (per model)
+    → standardise the brain's intensities onto the model's landmarks → crop to the head (+ margin)
+    → network (an ensemble: each member, mean of probabilities)
+    → restrict to brain / largest component → uncrop → back to the source grid (lesion probability
+    trilinear, then > 0.5; labels nearest) → minimum lesion size (in the source grid, in mL)
 """
 from __future__ import annotations
 
@@ -14,14 +16,14 @@ from typing import Any
 import numpy as np
 
 from ._version import __version__
-from .conform import SHAPE, Conformed, conform, to_source
-from .engine import Engine
+from .conform import SHAPE, Conformed, between_grids, conform, reorient, to_source, zoom_to_grid
+from .engine import Engine, EngineOutput
 from .errors import InputError, ModelError
 from .postprocess import brain_region, component_sizes, labels_to_source, lesion_to_source
-from .preprocess import CROP_MARGIN, head_box, normalize
+from .preprocess import CROP_MARGIN, head_box, normalize, standardize
 from .progress import CancelToken, Progress, ProgressCallback
 from .registry import DownloadProgress, Entry, Registry
-from .spec import ClassSpec, ModelSpec
+from .spec import ClassSpec, InputSpec, ModelSpec
 from .volume import Volume, validate
 
 BRAIN_MODEL_ID = "brainchop-mindgrab"
@@ -49,7 +51,8 @@ class SegmentationResult:
     min_lesion_ml: float
     timings_s: dict[str, float]
     warnings: list[str] = field(default_factory=list)
-    brain: np.ndarray | None = None  # the brain mask used to restrict labels, on the source grid
+    brain: np.ndarray | None = None  # the brain mask (restriction, standardisation), on the source grid
+    standardized: bool = False       # brain intensities were mapped onto the model's landmarks
 
     @property
     def voxel_volume_ml(self) -> float:
@@ -88,6 +91,7 @@ class SegmentationResult:
             "class_volumes_ml": {k: round(v, 3) for k, v in self.class_volumes_ml().items()},
             "brain_mask": self.brain_mask,
             "brain_volume_ml": None if self.brain is None else round(self.brain_volume_ml, 3),
+            "standardized": self.standardized,
             "min_lesion_ml": self.min_lesion_ml,
             "device": self.device,
             "precision": self.precision,
@@ -100,12 +104,27 @@ class SegmentationResult:
         }
 
 
+@dataclass
+class ModelInput:
+    """A volume on a model's grid: the grid, the head box, the brain mask on the grid, the normalised array."""
+
+    grid: Conformed
+    box: tuple[slice, slice, slice]
+    brain: np.ndarray | None
+    x: np.ndarray
+    progress_done: float = 0.0       # the share of a run's progress spent getting here
+
+
 class Segmenter:
-    """Loads a model (and the brain-extraction model it needs) once; segments any number of volumes."""
+    """Loads a model (an ensemble's members, and the brain-extraction model it needs) once; segments any number of volumes."""
 
     def __init__(self, model_id: str | None = None, *, registry: Registry | None = None, device: str = "auto",
-                 precision: str = "auto", brain_mask: bool | None = None, min_lesion_ml: float = 0.0,
-                 crop_margin: int | None | str = "auto", download_progress: DownloadProgress | None = None) -> None:
+                 precision: str = "auto", brain_mask: bool | None = None, standardize: bool | None = None,
+                 min_lesion_ml: float = 0.0, crop_margin: int | None | str = "auto",
+                 download_progress: DownloadProgress | None = None) -> None:
+        """``brain_mask``: run brain extraction and restrict labels to the brain (None: the model card's
+        choice). ``standardize``: map the brain's intensities onto the model's landmarks (None: whenever
+        the brain mask is computed and the model has landmarks; True runs brain extraction for it alone)."""
         self.registry = registry or Registry()
         self.entry: Entry = self.registry.get(model_id) if model_id else self.registry.default_model()
         if self.entry.kind != "model":
@@ -113,14 +132,24 @@ class Segmenter:
         if min_lesion_ml < 0:
             raise InputError("the minimum lesion size cannot be negative")
         started = time.perf_counter()
-        self.engine = Engine(self.registry.load(self.entry, download_progress), device, precision)
-        self.spec: ModelSpec = self.engine.spec
+        self.engines = [Engine(self.registry.load(member, download_progress), device, precision)
+                        for member in self.registry.members(self.entry)]
+        self.spec: ModelSpec = self.engines[0].spec
+        def convention(spec: ModelSpec) -> tuple:
+            return spec.input, spec.normalization, spec.standardization, spec.num_classes
+
+        if any(convention(engine.spec) != convention(self.spec) for engine in self.engines[1:]):
+            raise ModelError(f"ensemble {self.entry.id}: its members differ in input convention or classes")
         self.task = self.entry.task or ("lesion" if self.spec.num_classes == 2 else "segmentation")
         if self.task == "lesion" and self.spec.num_classes != 2:
             raise ModelError(f"{self.entry.id}: a lesion model must have 2 classes")
-        wants_brain = self.entry.postprocess.get("brain_mask", False) if brain_mask is None else brain_mask
+        self.restrict = bool(self.entry.postprocess.get("brain_mask", False) if brain_mask is None else brain_mask)
+        if standardize and self.spec.standardization is None:
+            raise ModelError(f"{self.entry.id} has no reference landmarks to standardise intensities to")
+        self.standardize = (self.restrict and self.spec.standardization is not None) if standardize is None \
+            else bool(standardize)
         self.brain_engine: Engine | None = None
-        if wants_brain:
+        if self.restrict or self.standardize:
             brain_entry = self.registry.get(BRAIN_MODEL_ID)
             self.brain_engine = Engine(self.registry.load(brain_entry, download_progress), device, precision)
         self.min_lesion_ml = float(min_lesion_ml)
@@ -130,7 +159,7 @@ class Segmenter:
 
     @property
     def device(self) -> str:
-        return str(self.engine.device)
+        return str(self.engines[0].device)
 
     def segment(self, volume: Volume, *, probabilities: bool = False, progress: ProgressCallback | None = None,
                 cancel: CancelToken | None = None) -> SegmentationResult:
@@ -141,74 +170,127 @@ class Segmenter:
         started = time.perf_counter()
 
         validate(volume)
-        stages.report(0.0, "conforming to 256³ at 1 mm")
-        conformed = conform(volume)
-        box = head_box(conformed.array, self.crop_margin) if conformed.array.any() else None
-        if box is None:
-            raise InputError("the image is empty after conforming (no voxel above the background)")
-        timings["conform"] = time.perf_counter() - started
-        stages.check()
-
-        networks = [e for e in (self.brain_engine, self.engine) if e is not None]
-        costs = [e.spec.macs_per_voxel for e in networks]
-        shares = [(1 - _CONFORM_SHARE - _FINISH_SHARE) * c / sum(costs) for c in costs]
-        position = _CONFORM_SHARE
-        brain = None
-        if self.brain_engine is not None:
+        prepared = self._prepare(volume, stages, timings, warnings)
+        grid, box, brain = prepared.grid, prepared.box, prepared.brain
+        x = prepared.x
+        standardized = False
+        if self.standardize:
             tick = time.perf_counter()
-            output = self._run(self.brain_engine, conformed, box, (), stages.within(position, shares[0], "brain mask"),
-                               cancel)
-            warnings += output.warnings
-            brain = np.zeros(SHAPE, bool)
-            brain[box] = brain_region(output.labels == 1)
-            position += shares[0]
-            timings["brain_mask"] = time.perf_counter() - tick
-
+            values = standardize(x, brain, self.spec.standardization)
+            if values is None:
+                warnings.append("the brain mask is too small or too uniform to standardise intensities; "
+                                "the model saw the normalised scan as it is")
+            else:
+                x, standardized = values, True
+            timings["standardize"] = time.perf_counter() - tick
         tick = time.perf_counter()
+        x = np.ascontiguousarray(x[box])
         lesion_task = self.task == "lesion"
-        wanted = [1] if lesion_task else (list(range(self.spec.num_classes)) if probabilities else [])
-        output = self._run(self.engine, conformed, box, wanted, stages.within(position, shares[-1], "segmenting"),
-                           cancel)
-        warnings += output.warnings
+        ensemble = len(self.engines) > 1
+        wanted = [1] if lesion_task else (list(range(self.spec.num_classes)) if probabilities or ensemble else [])
+        outputs = []
+        position = prepared.progress_done
+        for index, engine in enumerate(self.engines):
+            label = f"segmenting (model {index + 1} of {len(self.engines)})" if ensemble else "segmenting"
+            share = self._share(engine)
+            outputs.append(engine.run(x, probability_classes=wanted, progress=stages.within(position, share, label),
+                                      cancel=stages.cancel))
+            warnings += outputs[-1].warnings
+            position += share
+        labels_in_box, probabilities_in_box = _combine(outputs, lesion_task)
         timings["network"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
         stages.report(1 - _FINISH_SHARE, "back to the source grid")
-        labels, probs = self._finish(output, conformed, box, brain, lesion_task, probabilities, stages)
-        source_brain = None if brain is None else to_source(brain.view(np.uint8), conformed, order=0) > 0
+        restriction = brain if self.restrict else None
+        labels, probs = self._finish(labels_in_box, probabilities_in_box, grid, box, restriction, lesion_task,
+                                     probabilities, stages)
+        source_brain = None if brain is None else to_source(brain.view(np.uint8), grid, order=0) > 0
         timings["to_source"] = time.perf_counter() - tick
         timings["total"] = time.perf_counter() - started
         stages.report(1.0, "done")
         return SegmentationResult(labels, volume.affine.copy(), probs, self.entry.id, self.task, self.spec.classes,
-                                  output.device, output.precision, brain is not None, self.min_lesion_ml, timings,
-                                  warnings, source_brain)
+                                  outputs[0].device, outputs[0].precision, self.restrict, self.min_lesion_ml,
+                                  timings, list(dict.fromkeys(warnings)), source_brain, standardized)
 
-    def _run(self, engine: Engine, conformed: Conformed, box, classes, progress, cancel):
-        x = normalize(conformed.array, engine.spec.normalization)[box]
-        return engine.run(np.ascontiguousarray(x), probability_classes=classes, progress=progress, cancel=cancel)
+    def model_input(self, volume: Volume) -> ModelInput:
+        """What the network sees for ``volume`` before standardisation: its grid, the brain mask on it (if
+        one is computed) and the normalised array (e.g. to work out a model's standardisation landmarks)."""
+        validate(volume)
+        return self._prepare(volume, Progress(), {}, [])
 
-    def _finish(self, output, conformed: Conformed, box, brain, lesion_task: bool, probabilities: bool,
-                stages: Progress) -> tuple[np.ndarray, np.ndarray | None]:
+    def _share(self, engine: Engine) -> float:
+        """The share of the whole run's progress that one network takes (by its arithmetic)."""
+        networks = ([self.brain_engine] if self.brain_engine is not None else []) + self.engines
+        return (1 - _CONFORM_SHARE - _FINISH_SHARE) * engine.spec.macs_per_voxel / sum(
+            e.spec.macs_per_voxel for e in networks)
+
+    def _prepare(self, volume: Volume, stages: Progress, timings: dict[str, float], warnings: list[str]) -> ModelInput:
+        started = time.perf_counter()
+        stages.report(0.0, "conforming to 256³ at 1 mm")
+        grids: dict[InputSpec, Conformed] = {}
+        grid = model_grid(volume, self.spec.input, grids)
+        if not grid.array.any():
+            raise InputError("the image is empty after conforming (no voxel above the background)")
+        box = head_box(grid.array, self.crop_margin)
+        timings["conform"] = time.perf_counter() - started
+        stages.check()
+        position = _CONFORM_SHARE
+        brain = None
+        if self.brain_engine is not None:
+            tick = time.perf_counter()
+            brain_grid = model_grid(volume, self.brain_engine.spec.input, grids)
+            brain_box = head_box(brain_grid.array, self.crop_margin)
+            brain_input = normalize(brain_grid.array, self.brain_engine.spec.normalization)[brain_box]
+            share = self._share(self.brain_engine)
+            output = self.brain_engine.run(np.ascontiguousarray(brain_input),
+                                           progress=stages.within(position, share, "brain mask"), cancel=stages.cancel)
+            warnings += output.warnings
+            brain = np.zeros(SHAPE, bool)
+            brain[brain_box] = brain_region(output.labels == 1)
+            brain = between_grids(brain, brain_grid, grid)
+            position += share
+            timings["brain_mask"] = time.perf_counter() - tick
+        return ModelInput(grid, box, brain, normalize(grid.array, self.spec.normalization), position)
+
+    def _finish(self, labels_in_box: np.ndarray, probabilities_in_box: np.ndarray | None, grid: Conformed, box,
+                brain, lesion_task: bool, probabilities: bool, stages: Progress) -> tuple[np.ndarray, np.ndarray | None]:
         if lesion_task:
             probability = np.zeros(SHAPE, np.float32)
-            probability[box] = output.probabilities[0]
+            probability[box] = probabilities_in_box[0]
             stages.check()
-            labels, source_probability = lesion_to_source(probability, conformed, brain, self.min_lesion_ml)
+            labels, source_probability = lesion_to_source(probability, grid, brain, self.min_lesion_ml)
             return labels, (source_probability if probabilities else None)
-        labels = np.zeros(SHAPE, output.labels.dtype)
-        labels[box] = output.labels
+        labels = np.zeros(SHAPE, labels_in_box.dtype)
+        labels[box] = labels_in_box
         stages.check()
-        source_labels = labels_to_source(labels, conformed, brain,
-                                         bool(self.entry.postprocess.get("largest_component", False)))
+        source_labels = labels_to_source(labels, grid, brain, bool(self.entry.postprocess.get("largest_component", False)))
         source_probs = None
         if probabilities:
-            source_probs = np.empty((output.probabilities.shape[0], *conformed.source_shape), np.float32)
+            source_probs = np.empty((probabilities_in_box.shape[0], *grid.source_shape), np.float32)
             channel = np.zeros(SHAPE, np.float32)
-            for index, values in enumerate(output.probabilities):
+            for index, values in enumerate(probabilities_in_box):
                 stages.check()
                 channel[box] = values
-                to_source(channel, conformed, order=1, output=source_probs[index])
+                to_source(channel, grid, order=1, output=source_probs[index])
         return source_labels, source_probs
+
+
+def model_grid(volume: Volume, spec: InputSpec, cache: dict[InputSpec, Conformed]) -> Conformed:
+    """The 256³ grid a model sees (its recipe, then its axis order), made once per recipe and volume."""
+    if spec not in cache:
+        made = conform(volume) if spec.grid == "conform" else zoom_to_grid(volume)
+        cache[spec] = reorient(made, spec.orientation)
+    return cache[spec]
+
+
+def _combine(outputs: list[EngineOutput], lesion_task: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """One model's labels and probabilities, or an ensemble's: the mean of its members' probabilities."""
+    if len(outputs) == 1:
+        return outputs[0].labels, outputs[0].probabilities
+    mean = np.mean([o.probabilities for o in outputs], axis=0, dtype=np.float32)
+    labels = (mean[0] > 0.5).astype(np.uint8) if lesion_task else mean.argmax(axis=0).astype(outputs[0].labels.dtype)
+    return labels, mean
 
 
 def segment(volume: Volume, model_id: str | None = None, *, probabilities: bool = False,

@@ -1,9 +1,12 @@
-"""What the network sees: the conformed array normalised as each model was trained, cropped to the head."""
+"""What the network sees: the model's grid normalised as it was trained, standardised, cropped to the head."""
 from __future__ import annotations
 
 import numpy as np
 
-from .spec import Normalization
+from .spec import Normalization, Standardization
+
+# Fewer brain voxels than this (a tiny or failed brain mask) give no reliable percentiles.
+MIN_BRAIN_VOXELS = 50_000
 
 # Voxels of context kept around the head before inference. MeshNet's receptive field reaches
 # ~45 voxels, so cropping changes outputs near the crop border; 32 voxels gave a label map equal
@@ -21,6 +24,35 @@ def normalize(array: np.ndarray, method: Normalization) -> np.ndarray:
         return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
     lo, hi = np.quantile(a, [method.low, method.high])
     return np.clip((a - lo) / (hi - lo + method.eps), 0.0, 1.0).astype(np.float32)
+
+
+def brain_percentiles(x: np.ndarray, brain: np.ndarray, percentiles: tuple[float, ...]) -> np.ndarray:
+    """The intensities of ``x`` at ``percentiles`` of the brain's voxels that carry signal (above 0)."""
+    return np.percentile(x[brain & (x > 0)], percentiles).astype(np.float64)
+
+
+def standardize(x: np.ndarray, brain: np.ndarray, standardization: Standardization) -> np.ndarray | None:
+    """``x`` with its brain percentiles moved onto the model's landmarks (see :class:`~.spec.Standardization`).
+
+    0 (the background after normalisation) stays 0; between landmarks the map is linear, above the
+    last one its last segment extends, and the result is clipped to [0, 1]. Percentiles that tie
+    (a saturated or empty part of the histogram) are skipped. None when the brain mask is too small,
+    or its intensities too uniform, for percentiles to mean anything.
+    """
+    if np.count_nonzero(brain & (x > 0)) < MIN_BRAIN_VOXELS:
+        return None
+    found = brain_percentiles(x, brain, standardization.percentiles)
+    source, target = [0.0], [0.0]
+    for value, landmark in zip(found, standardization.landmarks):
+        if value > source[-1] + 1e-6 and landmark > target[-1]:
+            source.append(float(value))
+            target.append(float(landmark))
+    if len(source) < 3:
+        return None
+    out = np.interp(x, source, target)
+    above = x > source[-1]
+    out[above] = target[-1] + (x[above] - source[-1]) * (target[-1] - target[-2]) / (source[-1] - source[-2])
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
 def head_box(conformed: np.ndarray, margin: int | None) -> tuple[slice, slice, slice]:

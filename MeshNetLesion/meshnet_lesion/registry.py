@@ -65,8 +65,9 @@ class Entry:
         return self.card.get("postprocess", {})
 
     @property
-    def download_size(self) -> int:
-        return sum(f.size or 0 for f in self.files)
+    def member_ids(self) -> tuple[str, ...]:
+        """The entries an ensemble averages (its card's ``members``); empty for a single model."""
+        return tuple(self.card.get("members", ()))
 
 
 def default_cache_dir() -> Path:
@@ -220,14 +221,34 @@ class Registry:
             return file.bundled
         return self._from_mirror(file)
 
-    def is_available(self, entry: Entry | str) -> bool:
-        """True if every file of the entry is on this machine (no download needed)."""
+    def members(self, entry: Entry | str) -> list[Entry]:
+        """The models an entry runs: an ensemble's members (each a single model), or the entry itself."""
         entry = self.get(entry)
-        return all(self.locate(entry, f) is not None for f in entry.files)
+        if not entry.member_ids:
+            return [entry]
+        members = [self.get(member) for member in entry.member_ids]
+        for member in members:
+            if member.kind != "model" or member.member_ids:
+                raise ModelError(f"ensemble {entry.id}: member {member.id} must be a single model")
+        return members
+
+    def is_available(self, entry: Entry | str) -> bool:
+        """True if every file of the entry (of every member, for an ensemble) is on this machine."""
+        return all(self.locate(member, f) is not None for member in self.members(entry) for f in member.files)
+
+    def download_size(self, entry: Entry | str) -> int:
+        """Bytes of the entry's files (its members' for an ensemble), downloaded or not."""
+        return sum(f.size or 0 for member in self.members(entry) for f in member.files)
+
+    def fetch_all(self, entry: Entry | str, progress: DownloadProgress | None = None) -> list[Path]:
+        """Local paths of every file an entry needs (its members' for an ensemble), downloading what is missing."""
+        return [path for member in self.members(entry) for path in self.fetch(member, progress).values()]
 
     def fetch(self, entry: Entry | str, progress: DownloadProgress | None = None) -> dict[str, Path]:
-        """Local paths of all files of an entry, downloading what is missing."""
+        """Local paths of the files of a single entry, by file name, downloading what is missing."""
         entry = self.get(entry)
+        if entry.member_ids:
+            raise ModelError(f"'{entry.id}' is an ensemble; fetch its members ({', '.join(entry.member_ids)})")
         paths = {}
         for file in entry.files:
             path = self.locate(entry, file)
@@ -261,6 +282,8 @@ class Registry:
         entry = self.get(entry)
         if entry.kind != "model":
             raise ModelError(f"'{entry.id}' is a sample scan, not a model")
+        if entry.member_ids:
+            raise ModelError(f"'{entry.id}' is an ensemble; load its members ({', '.join(entry.member_ids)})")
         return load_model_files(self.fetch(entry, progress), entry.spec_overrides)
 
     # ------------------------------------------------------------------ import / remove
@@ -312,11 +335,11 @@ class Registry:
         return self.get(entry_id)
 
     def remove(self, entry: Entry | str) -> None:
-        """Forget an imported model, or delete the cached downloads of a built-in one."""
-        entry = self.get(entry)
-        folder = self.cache_dir / ("imported" if entry.origin == "imported" else "files") / entry.id
-        if folder.exists():
-            shutil.rmtree(folder)
+        """Forget an imported model, or delete the cached downloads of a built-in one (all members of an ensemble)."""
+        for member in self.members(entry):
+            folder = self.cache_dir / ("imported" if member.origin == "imported" else "files") / member.id
+            if folder.exists():
+                shutil.rmtree(folder)
 
     def clear_cache(self) -> None:
         """Delete every downloaded file (imported models are kept)."""

@@ -75,6 +75,67 @@ class Normalization:
             raise ModelError(f"unknown input normalisation '{self.method}'")
 
 
+GRIDS = ("conform", "zoom")
+_AXIS_LETTERS = ("LR", "PA", "IS")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How a scan becomes the 256³ array the network sees: each model was trained on one way, and only that works.
+
+    ``grid``:
+
+    - ``conform``: ``niimath -conform`` / FreeSurfer ``mri_convert --conform``: a 256³ 1 mm grid
+      centred on the scan, trilinear, intensities rescaled to 0–255 by a robust maximum and rounded
+      (brainchop and T2lesion models);
+    - ``zoom``: the arc-meshchop recipe: the scan's closest canonical (RAS+) axes,
+      ``scipy.ndimage.zoom`` to 1 mm, centred crop or zero pad to 256³, raw intensities.
+
+    ``orientation``: where the array axes the network sees point, e.g. ``LIA`` (as conformed) or
+    ``RAS`` (canonical); any other order is the same grid with axes flipped or swapped.
+    """
+
+    grid: str = "conform"
+    orientation: str = "LIA"
+
+    def __post_init__(self) -> None:
+        if self.grid not in GRIDS:
+            raise ModelError(f"unknown input grid '{self.grid}' (expected one of {GRIDS})")
+        code = str(self.orientation).upper()
+        if len(code) != 3 or sorted(next((i for i, pair in enumerate(_AXIS_LETTERS) if c in pair), -1)
+                                    for c in code) != [0, 1, 2]:
+            raise ModelError(f"orientation must be three axis letters such as LIA or RAS, not '{self.orientation}'")
+        object.__setattr__(self, "orientation", code)
+
+
+@dataclass(frozen=True)
+class Standardization:
+    """Brain intensities mapped onto the distribution the model was trained on (landmark standardisation).
+
+    After normalisation, the intensities at ``percentiles`` of the brain's voxels are mapped
+    piecewise-linearly onto ``landmarks``: the same percentiles of a reference training scan through
+    the model's own input convention. 0 (background) stays 0, the last segment extends beyond the
+    last landmark, the result is clipped to [0, 1]. A scan like the reference is left as it is;
+    another scale, a non-linear intensity response or a missing scalp is brought back to it
+    (Nyúl & Udupa's histogram standardisation, with a few landmarks).
+    """
+
+    percentiles: tuple[float, ...]
+    landmarks: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        percentiles = tuple(float(p) for p in self.percentiles)
+        landmarks = tuple(float(v) for v in self.landmarks)
+        if len(percentiles) < 2 or len(percentiles) != len(landmarks):
+            raise ModelError("standardisation needs at least two percentiles and one landmark for each")
+        if any(b <= a for a, b in zip(percentiles, percentiles[1:])) or not 0 <= percentiles[0] < percentiles[-1] <= 100:
+            raise ModelError(f"standardisation percentiles must rise within 0-100: {percentiles}")
+        if any(b <= a for a, b in zip(landmarks, landmarks[1:])):
+            raise ModelError(f"standardisation landmarks must rise: {landmarks}")
+        object.__setattr__(self, "percentiles", percentiles)
+        object.__setattr__(self, "landmarks", landmarks)
+
+
 @dataclass(frozen=True)
 class ClassSpec:
     name: str
@@ -87,6 +148,8 @@ class ModelSpec:
     normalization: Normalization = field(default_factory=Normalization)
     classes: tuple[ClassSpec, ...] = ()
     norm_eps: float = 1e-5
+    input: InputSpec = field(default_factory=InputSpec)
+    standardization: Standardization | None = None
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -110,14 +173,21 @@ class ModelSpec:
         return sum(layer.macs_per_voxel for layer in self.layers)
 
     def with_overrides(self, overrides: Mapping[str, Any] | None) -> ModelSpec:
-        """Replace ``normalization`` and/or ``classes`` from a registry entry's ``spec`` section."""
+        """Replace ``input``, ``normalization``, ``standardization`` and/or ``classes`` from a registry entry's ``spec``."""
         if not overrides:
             return self
         changes: dict[str, Any] = {}
-        if "normalization" in overrides:
-            changes["normalization"] = Normalization(**overrides["normalization"])
-        if "classes" in overrides:
-            changes["classes"] = parse_classes(overrides["classes"])
+        try:
+            if "input" in overrides:
+                changes["input"] = InputSpec(**overrides["input"])
+            if "normalization" in overrides:
+                changes["normalization"] = Normalization(**overrides["normalization"])
+            if "standardization" in overrides:
+                changes["standardization"] = Standardization(**overrides["standardization"])
+            if "classes" in overrides:
+                changes["classes"] = parse_classes(overrides["classes"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ModelError(f"malformed model description override: {error}") from error
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,6 +197,8 @@ class ModelSpec:
             "normalization": asdict(self.normalization),
             "classes": [{"name": c.name, "color": list(c.color)} for c in self.classes],
             "norm_eps": self.norm_eps,
+            "input": asdict(self.input),
+            "standardization": None if self.standardization is None else asdict(self.standardization),
         }
 
     def to_json(self) -> str:
@@ -142,9 +214,29 @@ class ModelSpec:
                 normalization=Normalization(**data.get("normalization", {})),
                 classes=parse_classes(data.get("classes", [])),
                 norm_eps=float(data.get("norm_eps", 1e-5)),
+                input=InputSpec(**data.get("input", {})),
+                standardization=(Standardization(**data["standardization"]) if data.get("standardization")
+                                 else None),
             )
-        except (KeyError, TypeError) as error:
+        except (KeyError, TypeError, ValueError) as error:
             raise ModelError(f"malformed model description: {error}") from error
+
+
+# The paper's MeshNet-X: nine 3×3×3 convolutions with these dilations, each with BatchNorm and ReLU,
+# then a 1×1×1 classifier.
+PAPER_DILATIONS = (1, 2, 4, 8, 16, 16, 8, 4, 2)
+LESION_CLASSES = (ClassSpec("background", (0, 0, 0)), ClassSpec("lesion", (230, 25, 25)))
+
+
+def paper_spec(channels: int, num_classes: int = 2, input: InputSpec | None = None) -> ModelSpec:
+    """MeshNet-X of Fedorov et al. 2025 (5,682 / 56,194 / 147,474 parameters for X = 5 / 16 / 26)."""
+    if channels < 1 or num_classes < 2:
+        raise ModelError("MeshNet needs at least 1 channel and 2 classes")
+    layers = [LayerSpec(1 if i == 0 else channels, channels, 3, d, True, "batch", "relu")
+              for i, d in enumerate(PAPER_DILATIONS)]
+    layers.append(LayerSpec(channels, num_classes, 1, 1, True, "none", "none"))
+    classes = LESION_CLASSES if num_classes == 2 else ()
+    return ModelSpec(tuple(layers), Normalization("minmax"), classes, input=input or InputSpec())
 
 
 def default_classes(count: int) -> tuple[ClassSpec, ...]:

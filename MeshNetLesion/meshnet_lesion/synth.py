@@ -106,9 +106,8 @@ def build_label_head(t1_path: Path, registry=None, device: str = "auto") -> Head
     return label_head(t1, subcortical.segment(t1).labels.astype(np.uint8), brain, _name(t1_path))
 
 
-def build_real_head(t2_path: Path, registry=None, device: str = "auto",
-                    lesion_model: str = "t2lesion-meshnet11") -> Head:
-    """A real T2w head whose own lesion is found by ``lesion_model`` (the ARC-trained one by default)."""
+def build_real_head(t2_path: Path, registry=None, device: str = "auto", lesion_model: str | None = None) -> Head:
+    """A real T2w head whose own lesion is found by ``lesion_model`` (the registry's default lesion model)."""
     from .pipeline import Segmenter
 
     t2 = _conformed_volume(t2_path)
@@ -184,7 +183,7 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], coarse: int,
 def place_lesion(source: LesionSource, head: Head, rng: np.random.Generator,
                  mirror: bool | None = None) -> tuple[np.ndarray, tuple[slice, ...]] | None:
     """Partial-volume lesion fraction (float32 in [0, 1]) in a box of the head's grid, or None when the
-    mapped lesion misses the parenchyma or touches the head's forbidden region."""
+    mapped lesion mostly misses the parenchyma or touches the head's forbidden region."""
     lesion_voxels = np.argwhere(source.array)
     if len(lesion_voxels) == 0:
         return None
@@ -224,8 +223,10 @@ def place_lesion(source: LesionSource, head: Head, rng: np.random.Generator,
     points = np.einsum("ij,j...->i...", voxel_to_mni_voxel[:3, :3], grid + np.stack(warp))
     points += voxel_to_mni_voxel[:3, 3].reshape(3, 1, 1, 1)
     fraction = ndimage.map_coordinates(source.array.astype(np.float32), points, order=1, mode="constant")
+    mapped = np.count_nonzero(fraction > 0.5)
     fraction *= head.placeable[box]
-    if np.count_nonzero(fraction > 0.5) < 10:
+    kept = np.count_nonzero(fraction > 0.5)
+    if kept < 10 or kept < 0.5 * mapped:           # most of it fell outside the parenchyma: draw again
         return None
     if head.ignore is not None and np.any(head.ignore[box] & (fraction > 0)):
         return None

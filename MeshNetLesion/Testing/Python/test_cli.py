@@ -37,7 +37,8 @@ def test_segment_batch_with_all_outputs(sample_paths, tmp_path):
     for folder in (out, reports, probs, previews):
         folder.mkdir()
     done = run("segment", source, tmp_path / "M2265_copy.nrrd", "-o", out, "--report", reports,
-               "--probabilities", probs, "--preview", previews, "--no-brain-mask", "--device", "cpu")
+               "--probabilities", probs, "--preview", previews, "--no-brain-mask", "--device", "cpu",
+               "--model", "t2lesion-meshnet11")
     assert done.returncode == 0, done.stderr
     first = nib.load(out / "M2265_T2w_seg.nii.gz")
     second = nib.load(out / "M2265_copy_seg.nii.gz")
@@ -59,7 +60,7 @@ def test_segment_batch_with_all_outputs(sample_paths, tmp_path):
 @pytest.mark.slow
 def test_minimum_lesion_size_option(sample_paths, tmp_path):
     done = run("segment", sample_paths["sample-arc-m2265-t2w"], "-o", tmp_path / "l.nii.gz", "--report",
-               tmp_path / "r.json", "--no-brain-mask", "--min-lesion-ml", "100", "-q")
+               tmp_path / "r.json", "--no-brain-mask", "--min-lesion-ml", "100", "-q", "--model", "t2lesion-meshnet11")
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "r.json").read_text())["lesion_volume_ml"] == 0
     assert np.asarray(nib.load(tmp_path / "l.nii.gz").dataobj).max() == 0
@@ -118,7 +119,7 @@ def test_missing_device_is_a_clear_error(sample_paths, tmp_path):
 def test_models_commands(registry, tmp_path):
     listing = run("models", "list")
     assert listing.returncode == 0
-    assert "* t2lesion-meshnet11" in listing.stdout and "sample-arc-m2265-t2w" in listing.stdout
+    assert "* arc-meshnet26 " in listing.stdout and "sample-arc-m2265-t2w" in listing.stdout
     card = json.loads(run("models", "show", "brainchop-mindgrab").stdout)
     assert card["license"] == "MIT" and card["metrics"]
     fetched = run("models", "fetch", "sample-t1-crop")

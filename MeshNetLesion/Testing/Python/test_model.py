@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from meshnet_lesion import MeshNet, ModelError, build_meshnet, load_model_files
-from meshnet_lesion.model import paper_spec
-from meshnet_lesion.spec import LayerSpec, ModelSpec
+from meshnet_lesion.spec import LayerSpec, ModelSpec, paper_spec
 
 
 class _Payload:

@@ -13,7 +13,8 @@ import pytest
 from meshnet_lesion import IntegrityError, ModelError, UnknownModelError
 from meshnet_lesion.registry import BUILTIN_REGISTRY, Registry, sha256_of
 
-REQUIRED_IDS = {"t2lesion-meshnet11", "brainchop-mindgrab", "brainchop-tissue-fast", "brainchop-subcortical",
+REQUIRED_IDS = {"t2lesion-meshnet11", "brainchop-arc-meshnet11", "arc-meshnet26", "arc-meshnet26-r0", "arc-meshnet26-r1",
+                "arc-meshnet26-r2", "brainchop-mindgrab", "brainchop-tissue-fast", "brainchop-subcortical",
                 "sample-arc-m2265-t2w", "sample-t1-crop"}
 
 
@@ -59,10 +60,12 @@ def _tissue_files(folder: Path, base_url: str, shared_registry: Registry) -> lis
 def test_builtin_entries_and_cards(registry):
     ids = {entry.id for entry in registry.entries()}
     assert REQUIRED_IDS <= ids
-    assert registry.default_model().id == "t2lesion-meshnet11"
+    assert registry.default_model().id == "arc-meshnet26"
     for entry in registry.entries("model"):
-        for key in ("task", "license", "citation", "training_data", "metrics", "spec", "postprocess"):
+        for key in ("task", "license", "citation", "training_data", "metrics", "postprocess"):
             assert key in entry.card, (entry.id, key)
+        assert ("spec" in entry.card) != bool(entry.member_ids), entry.id   # an ensemble's spec is its members'
+        assert registry.is_available(entry), entry.id
         for file in entry.files:
             if file.bundled is not None:       # shipped with the extension
                 assert file.bundled.is_file() and sha256_of(file.bundled) == file.sha256, entry.id

@@ -24,7 +24,9 @@ from MeshNetLesionLib.logic import MeshNetLesionLogic  # noqa: E402
 from MeshNetLesionLib.mrml import LESION_SEGMENT_NAME, LESION_TERMINOLOGY, SEGMENT_TAG, TERMINOLOGY_CONTEXT  # noqa: E402
 
 pytestmark = pytest.mark.slow
-FAST = {"brainMask": False, "device": "cpu"}  # the brain-mask path is covered by the core tests
+# Plumbing tests: the fast 11-channel model without brain mask (the default model and the brain-mask path
+# are covered by the core tests).
+FAST = {"modelId": "t2lesion-meshnet11", "brainMask": False, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +130,8 @@ def test_segment_equals_the_command_line_output_voxel_for_voxel(app, lps_run, tm
     affine = slicer.util.arrayFromVTKMatrix(_ijk_to_ras(node))
     save_volume(tmp_path / "input.nii.gz", array, affine)
     done = subprocess.run([sys.executable, "-m", "meshnet_lesion.cli", "segment", tmp_path / "input.nii.gz",
-                           "-o", tmp_path / "cli.nii.gz", "--no-brain-mask", "--device", "cpu", "-q"],
+                           "-o", tmp_path / "cli.nii.gz", "--no-brain-mask", "--device", "cpu", "-q",
+                           "--model", FAST["modelId"]],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     cli = np.asarray(nib.load(tmp_path / "cli.nii.gz").dataobj)
@@ -336,5 +339,5 @@ def test_model_card_html_shows_the_card_escaped(logic):
     assert "<b>Task:</b> brain-extraction<br>" in text and "95.9 (1.6)" in text
     assert f'<a href="{card["source"]}">' in text
     assert "&lt;script&gt;" in modelCardHtml({**card, "input": "<script>"})
-    assert logic.defaultModelId() == "t2lesion-meshnet11"
+    assert logic.defaultModelId() == "arc-meshnet26"
     assert logic.defaultBrainMask("t2lesion-meshnet11") and not logic.defaultBrainMask("brainchop-mindgrab")

@@ -4,7 +4,8 @@ One module per published format, each with ``matches(files)`` and ``load(files)`
 
 - :mod:`.meshnet`: our ``.safetensors`` (weights with the model spec in the metadata);
 - :mod:`.tfjs`: a TensorFlow.js layers-model (``model.json`` with ``modelTopology`` + ``.bin`` shards);
-- :mod:`.brainchop`: brainchop's ``model.json`` (a ``layers`` list) + ``model.pth``.
+- :mod:`.brainchop`: brainchop's ``model.json`` (a ``layers`` list) + ``model.pth``;
+- :mod:`.checkpoint`: a PyTorch training checkpoint of the paper's MeshNet (arc-meshchop's ``final.pt``).
 
 A new format is one module here and one entry in :func:`_formats`. Weight files are read without
 unpickling: safetensors directly, PyTorch zip archives only with ``weights_only=True``, TF.js
@@ -56,9 +57,9 @@ class ModelFiles:
 
 
 def _formats() -> tuple[ModuleType, ...]:
-    from . import brainchop, meshnet, tfjs
+    from . import brainchop, checkpoint, meshnet, tfjs
 
-    return (meshnet, tfjs, brainchop)
+    return (meshnet, tfjs, brainchop, checkpoint)
 
 
 def load_model_files(files: Mapping[str, Path | str], overrides: Mapping | None = None) -> LoadedModel:
@@ -76,7 +77,7 @@ def load_model_files(files: Mapping[str, Path | str], overrides: Mapping | None 
         if "model.json" in model_files:
             raise ModelError("model.json is neither a TensorFlow.js layers-model nor a brainchop layers list")
         raise ModelError(f"no model description among {sorted(model_files.paths)} "
-                         "(need model.json or a .safetensors file)")
+                         "(need model.json, a .safetensors file or a PyTorch checkpoint)")
     spec = loaded.spec
     if "colormap.json" in model_files:
         classes = classes_from_colormap(model_files.json("colormap.json"))
