@@ -13,7 +13,7 @@ DEMO_DIR ?= demo-output
 # venv of its own (tinygrad; its CPU backend compiles kernels with clang).
 BRAINCHOP_VENV ?= .venv-brainchop
 
-.PHONY: test demo env bench quality synthetic-models clean
+.PHONY: test demo env bench quality fuzz synthetic-models clean
 
 env: $(VENV)/.installed
 
@@ -37,6 +37,10 @@ demo: env
 
 bench: $(VENV)/.bench $(BRAINCHOP_VENV)/.installed
 	$(BIN)/python benchmarks/performance.py
+
+# The readers of untrusted files under a long fuzz run (make test runs 40 inputs per reader).
+fuzz: env
+	MESHNET_FUZZ_EXAMPLES=5000 $(BIN)/python -m pytest -s -q MeshNetLesion/Testing/Python/test_fuzz.py
 
 # Robustness and agreement of the lesion models on the real ARC scan (about an hour on 2 CPU cores):
 # prints the table the README quotes and writes benchmarks/results/quality.json.

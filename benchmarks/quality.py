@@ -14,7 +14,11 @@ mask, standardisation, restriction, back to the source grid). For each model:
 - **synthetic held-out set**: held-out SOOP lesions painted into M2265 (its own lesion, as all models
   together find it, not scored): Dice, AVD and MCC against the painted truth;
 - **M2265's volume** beside ARC's MNI-space figure scaled by the brain-volume ratio, the template's
-  brain measured by the same MindGrab pipeline on the ICBM152 2009a T1 that nilearn ships.
+  brain measured by the same MindGrab pipeline on the ICBM152 2009a T1 that nilearn ships;
+- ``--part conventions``: each model fed other input conventions than its own (grid, axis order,
+  normalisation; no brain mask, no standardisation, as the models' own recipes run): M2265's lesion
+  mL and the lesion mL on the lesion-free mirrored-hemisphere scan; and every model on M2265 mirrored
+  left to right (its lesion in the right hemisphere, which no ARC scan has).
 
 It prints a table and writes ``benchmarks/results/quality.json`` (with the machine). M2265 is a training
 subject of every ARC model here: these are robustness and agreement checks, not accuracy on unseen scans.
@@ -110,10 +114,66 @@ def template_brain_ml(registry: Registry) -> float | None:
     return float(np.count_nonzero(labels.labels)) * labels.voxel_volume_ml
 
 
+# Other input conventions than each model's own: (label, registry "spec" override).
+CONVENTIONS = {
+    "arc-meshnet26-r2": [("its own recipe: zoom to 1 mm, RAS, raw intensities", {}),
+                         ("niimath conform (0-255 rescale), RAS", {"input": {"grid": "conform", "orientation": "RAS"}}),
+                         ("niimath conform, LIA (as the 11-channel models see it)",
+                          {"input": {"grid": "conform", "orientation": "LIA"}})],
+    "brainchop-arc-meshnet11": [("min-max", {}), ("2-98 % quantiles (brainchop's config)",
+                                                 {"normalization": {"method": "quantile"}})],
+    "t2lesion-meshnet11": [("min-max", {}), ("2-98 % quantiles", {"normalization": {"method": "quantile"}})],
+}
+
+
+def conventions(registry: Registry, shared: Path, scan: Volume, models: list[str]) -> dict:
+    """Each model with other input conventions (no brain mask, no standardisation), and every model on
+    M2265 mirrored left to right."""
+    from meshnet_lesion.registry import BUILTIN_REGISTRY
+
+    builtin = {m["id"]: m for m in json.loads(BUILTIN_REGISTRY.read_text(encoding="utf-8"))["models"]}
+    entries, labels = [], {}
+    for model_id, variants in CONVENTIONS.items():
+        for index, (label, override) in enumerate(variants):
+            entry = json.loads(json.dumps(builtin[model_id]))
+            entry.pop("default", None)
+            entry["id"] = f"{model_id}.convention{index}"
+            entry["spec"] = {**entry.get("spec", {}), **override}
+            entry["spec"].pop("standardization", None)
+            entries.append(entry)
+            labels[entry["id"]] = (model_id, label)
+    WORK.mkdir(parents=True, exist_ok=True)
+    path = WORK / "conventions.json"
+    path.write_text(json.dumps({"schema_version": 1, "models": entries, "samples": []}), encoding="utf-8")
+    local = Registry(path, mirror=shared)
+    healthy = perturb.mirrored_healthy_hemisphere(scan, "L")
+    out: dict = {"conventions": [], "right_hemisphere": {}}
+    for entry_id, (model_id, label) in labels.items():
+        segmenter = Segmenter(entry_id, registry=local, device="cpu", brain_mask=False, standardize=False)
+        row = {"model": model_id, "convention": label, "lesion_ml": segmenter.segment(scan).lesion_volume_ml,
+               "lesion_free_ml": segmenter.segment(healthy).lesion_volume_ml}
+        out["conventions"].append(row)
+        print(f"{model_id:24} {label:56} M2265 {row['lesion_ml']:6.1f} mL, lesion-free scan "
+              f"{row['lesion_free_ml']:6.1f} mL", flush=True)
+    flipped = perturb.left_right_flipped(scan)
+    for model_id in models:
+        segmenter = Segmenter(model_id, registry=registry, device="cpu")
+        original = segmenter.segment(scan).labels == 1
+        result = segmenter.segment(flipped)
+        back = perturb.left_right_flipped(Volume(result.labels, scan.affine)).array == 1
+        out["right_hemisphere"][model_id] = {"lesion_ml": result.lesion_volume_ml,
+                                             "original_ml": float(original.sum()) * result.voxel_volume_ml,
+                                             "dice": dice(back, original)}
+        print(f"{model_id:24} M2265 mirrored left to right: {result.lesion_volume_ml:6.1f} mL (unmirrored "
+              f"{out['right_hemisphere'][model_id]['original_ml']:.1f}), Dice {dice(back, original):.3f}", flush=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--synthetic", type=int, default=2, help="volumes in each synthetic set (0: none)")
+    parser.add_argument("--part", choices=("robustness", "conventions", "all"), default="all")
     parser.add_argument("--report", type=Path, default=RESULTS)
     args = parser.parse_args()
     shared = Path(os.environ["MESHNET_LESION_MIRROR"])
@@ -122,6 +182,14 @@ def main() -> int:
     info = machine()
     print(f"machine: {describe(info)}")
     models = args.models.split(",")
+    if args.part == "conventions":
+        results = {"machine": info, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                   **conventions(registry, shared, scan, models)}
+        report = args.report.with_name(args.report.stem + "-conventions.json")
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(results, indent=1, default=float) + "\n", encoding="utf-8")
+        print(f"wrote {report}")
+        return 0
     segmenters = {m: Segmenter(m, registry=registry, device="cpu") for m in models}
     results: dict = {"machine": info, "command": " ".join([Path(sys.executable).name, *sys.argv]), "models": {}}
 
@@ -180,6 +248,8 @@ def main() -> int:
         results["arc_table"] = {"mni_ml": ARC_M2265_MNI_ML, "m2265_brain_ml": brain_ml, "template_brain_ml": template_ml,
                                 "template": f"ICBM152 2009a T1 ({NILEARN_WHEEL}), MindGrab brain mask",
                                 "expected_native_ml": expected}
+    if args.part == "all":
+        results.update(conventions(registry, shared, scan, models))
     _print_table(results, models)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(results, indent=1, default=float) + "\n", encoding="utf-8")

@@ -165,6 +165,7 @@ def modelCardHtml(card: dict[str, Any]) -> str:
     state = (_("on this computer") if card["available"] else
              _("downloads {size:.1f} MB on first use").format(size=card["download_mb"]))
     rows = [(_("Task"), card.get("task", "")), (_("Input"), card.get("input", "")),
+            (_("Input convention"), card.get("input_convention", "")),
             (_("Trained on"), card.get("training_data", "")), (_("Known metrics"), metricText),
             (_("Licence"), card.get("license", "")), (_("Files"), state)]
     text = "".join(f"<b>{name}:</b> {html.escape(str(value))}<br>" for name, value in rows if value)

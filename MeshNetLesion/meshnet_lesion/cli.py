@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import re
 import sys
@@ -15,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ._version import __version__
-from .errors import Cancelled, InputError, MeshNetLesionError
+from .errors import Cancelled, InputError, MeshNetLesionError, OutputError
+from .outputs import OutputSet, check_writable, partial_path, publish, remove_leftovers
 
 EXIT_BAD_INPUT, EXIT_CANCELLED = 2, 130
 _SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mgz", ".mgh", ".img", ".hdr")
@@ -41,8 +44,12 @@ def _error(message: str) -> None:
     print(f"meshnet-lesion: error: {message}", file=sys.stderr)
 
 
+DESCRIPTION = ("Segment chronic stroke lesions on T2-weighted MRI with MeshNet, and manage its models. "
+               "Research software: not for clinical use.")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshnet-lesion", description=__doc__.split("\n")[0].strip("`: "))
+    parser = argparse.ArgumentParser(prog="meshnet-lesion", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -67,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--report", type=Path, help="write a JSON report (file, or folder in batch)")
     seg.add_argument("--preview", type=Path, help="write a PNG with the labels outlined (file, or folder in batch)")
     seg.add_argument("--no-crop", action="store_true", help="run on the whole 256³ grid instead of the head box")
-    seg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    seg.add_argument("-q", "--quiet", action="store_true",
+                     help="no progress (bar, stage lines, download messages); the result line stays")
     seg.set_defaults(handler=_segment)
 
     models = commands.add_parser("models", help="list, fetch, import or remove models")
@@ -77,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=_models_list)
     show = actions.add_parser("show", help="print a model card")
     show.add_argument("id")
+    show.add_argument("--json", action="store_true", help="the registry entry as JSON")
     show.set_defaults(handler=_models_show)
     fetch = actions.add_parser("fetch", help="make sure an entry's files are on this machine; print their paths")
     fetch.add_argument("ids", nargs="+", metavar="ID")
@@ -177,16 +186,48 @@ def _plan(args: argparse.Namespace) -> list[dict[str, Path | None]]:
     stems = [_stem(p) for p in args.inputs]
     if batch and len(set(stems)) != len(stems):
         raise InputError("several inputs have the same file name; their outputs would collide")
+
     def place(flag: str, stem: str, suffix: str) -> Path | None:
         target = getattr(args, flag)
         if target is None:
             return None
         return target / f"{stem}{suffix}" if batch else target
 
-    return [{"input": path, "output": place("output", stem, "_seg.nii.gz"),
-             "probabilities": place("probabilities", stem, "_prob.nii.gz"),
-             "report": place("report", stem, "_report.json"), "preview": place("preview", stem, "_preview.png")}
-            for path, stem in zip(args.inputs, stems)]
+    plans = [{"input": path, "output": place("output", stem, "_seg.nii.gz"),
+              "probabilities": place("probabilities", stem, "_prob.nii.gz"),
+              "report": place("report", stem, "_report.json"), "preview": place("preview", stem, "_preview.png")}
+             for path, stem in zip(args.inputs, stems)]
+    _refuse_shared_paths(plans)
+    for folder in {path.parent for plan in plans for role, path in plan.items() if role != "input" and path}:
+        check_writable(folder)
+    for plan in plans:
+        for role, path in plan.items():
+            if role != "input" and path is not None and path.is_dir():
+                raise InputError(f"--{role} names a folder, not a file: {path}")
+    return plans
+
+
+def _identity(path: Path) -> tuple:
+    """What makes two paths the same file: the file itself if it exists (hard links too), else the resolved path."""
+    try:
+        stat = path.stat()
+        return ("file", stat.st_dev, stat.st_ino)
+    except OSError:
+        return ("path", os.path.normcase(os.path.realpath(path)))
+
+
+def _refuse_shared_paths(plans: list[dict[str, Path | None]]) -> None:
+    """Two roles on one file (``-o`` = the input, ``--report`` = ``-o``, …) would overwrite one with the other."""
+    seen: dict[tuple, str] = {}
+    for plan in plans:
+        for role, path in plan.items():
+            if path is None:
+                continue
+            key = _identity(path)
+            name = f"the input {path}" if role == "input" else f"--{role} {path}"
+            if key in seen:
+                raise InputError(f"{seen[key]} and {name} are the same file; nothing was run, nothing was written")
+            seen[key] = name
 
 
 def _segment(args: argparse.Namespace) -> int:
@@ -194,17 +235,22 @@ def _segment(args: argparse.Namespace) -> int:
     from .volume import load_volume
 
     plans = _plan(args)
-    show_bar = not args.quiet and sys.stderr.isatty()
+    remove_leftovers({path.parent for plan in plans for role, path in plan.items() if role != "input" and path})
+    interactive = sys.stderr.isatty()
+    if args.quiet:
+        import pooch
+
+        pooch.get_logger().setLevel(logging.WARNING)   # pooch says "Downloading ..." at INFO
     segmenter = Segmenter(args.model, device=args.device, precision=args.precision, brain_mask=args.brain_mask,
                           standardize=args.standardize, min_lesion_ml=args.min_lesion_ml,
                           crop_margin=None if args.no_crop else "auto",
-                          download_progress=_download_printer() if show_bar else None)
+                          download_progress=None if args.quiet else _download_printer())
     failures = 0
     for plan in plans:
         try:
             volume = load_volume(plan["input"])
-            with _ProgressBar(plan["input"].name, enabled=show_bar) as bar:
-                result = segmenter.segment(volume, probabilities=plan["probabilities"] is not None, progress=bar)
+            with _progress_display(plan["input"].name, args.quiet, interactive) as show:
+                result = segmenter.segment(volume, probabilities=plan["probabilities"] is not None, progress=show)
             _write_outputs(plan, volume, result, segmenter)
         except Cancelled:
             raise
@@ -214,57 +260,90 @@ def _segment(args: argparse.Namespace) -> int:
             continue
         summary = (f"{result.lesion_volume_ml:.2f} mL in {result.lesion_components} component(s)"
                    if result.is_lesion_model else f"{len(result.classes) - 1} classes")
-        if not args.quiet:
-            print(f"{plan['input']}: {summary} -> {plan['output']} ({result.timings_s['total']:.1f} s, "
-                  f"{result.device})")
+        print(f"{plan['input']}: {summary} -> {plan['output']} ({result.timings_s['total']:.1f} s, {result.device})",
+              flush=True)
     return EXIT_BAD_INPUT if failures else 0
 
 
 def _write_outputs(plan, volume, result, segmenter) -> None:
-    """Write every output of one input; if one write fails, remove the others written for it."""
+    """Write every output of one input as partial files, then publish them together (:class:`.outputs.OutputSet`):
+    a failure leaves earlier results as they were and nothing partial behind."""
     from .volume import save_volume
 
-    written: list[Path] = []
+    written: Path | None = None
     try:
-        written.append(save_volume(plan["output"], result.labels, result.affine, label=True))
-        if plan["probabilities"] is not None:
-            probs = result.probabilities
-            if probs.ndim == 4:  # (classes, i, j, k) -> (i, j, k, classes) for NIfTI
-                probs = probs.transpose(1, 2, 3, 0)
-            written.append(save_volume(plan["probabilities"], probs.astype("float32"), result.affine))
-        if plan["preview"] is not None:
-            from .preview import write_preview
+        with OutputSet() as outputs:
+            written = plan["output"]
+            save_volume(outputs.stage(plan["output"]), result.labels, result.affine, label=True)
+            if plan["probabilities"] is not None:
+                written = plan["probabilities"]
+                probs = result.probabilities
+                if probs.ndim == 4:  # (classes, i, j, k) -> (i, j, k, classes) for NIfTI
+                    probs = probs.transpose(1, 2, 3, 0)
+                save_volume(outputs.stage(plan["probabilities"]), probs.astype("float32"), result.affine)
+            if plan["preview"] is not None:
+                from .preview import write_preview
 
-            title = (f"{segmenter.entry.id}: {result.lesion_volume_ml:.1f} mL" if result.is_lesion_model
-                     else segmenter.entry.id)
-            written.append(write_preview(plan["preview"], volume.array, result.labels, result.affine, title))
-        if plan["report"] is not None:
-            report = result.report(input=str(plan["input"]), output=str(plan["output"]),
-                                   model_title=segmenter.entry.title, model_load_s=round(segmenter.load_seconds, 3))
-            written.append(_write_json(plan["report"], report))
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
+                written = plan["preview"]
+                title = (f"{segmenter.entry.id}: lesion {result.lesion_volume_ml:.1f} mL in "
+                         f"{result.lesion_components} component(s)" if result.is_lesion_model else segmenter.entry.id)
+                write_preview(outputs.stage(plan["preview"]), volume.array, result.labels, result.affine, title)
+            if plan["report"] is not None:
+                written = plan["report"]
+                report = result.report(input=str(plan["input"]), output=str(plan["output"]),
+                                       model_title=segmenter.entry.title,
+                                       model_load_s=round(segmenter.load_seconds, 3))
+                _write_json(outputs.stage(plan["report"]), report)
+            outputs.commit()
+    except OSError as error:
+        raise OutputError(f"cannot write {written}: {error.strerror or error}; nothing was written for this "
+                          "input and earlier files are as they were") from error
 
 
 def _write_json(path: Path, data) -> Path:
-    tmp = path.with_name(f".partial-{path.name}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    """JSON written as a partial file beside ``path``, then renamed (atomic, ordinary permissions)."""
+    tmp = partial_path(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        return publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _progress_display(name: str, quiet: bool, interactive: bool):
+    """A progress bar on a terminal, one line per stage elsewhere (logs, ``make``), nothing with ``-q``."""
+    if quiet:
+        yield None
+    elif interactive:
+        with _ProgressBar(name) as bar:
+            yield bar
+    else:
+        yield _StageLines(name)
+
+
+class _StageLines:
+    """Prints ``name: stage`` to stderr whenever the stage (the text before its first ':') changes."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.last = name, None
+
+    def __call__(self, fraction: float, stage: str) -> None:
+        head = stage.split(":")[0]
+        if head != self.last:
+            self.last = head
+            print(f"{self.name}: {head} ({fraction:.0%})", file=sys.stderr, flush=True)
 
 
 class _ProgressBar:
-    def __init__(self, name: str, enabled: bool) -> None:
-        self.name, self.enabled, self.bar = name, enabled, None
+    def __init__(self, name: str) -> None:
+        self.name, self.bar = name, None
 
     def __enter__(self) -> _ProgressBar:
-        if self.enabled:
-            from tqdm import tqdm
+        from tqdm import tqdm
 
-            self.bar = tqdm(total=1000, desc=self.name, unit="", bar_format="{desc}: {percentage:3.0f}%|{bar}| "
-                            "{elapsed}<{remaining} {postfix}", file=sys.stderr, leave=False)
+        self.bar = tqdm(total=1000, desc=self.name, unit="", bar_format="{desc}: {percentage:3.0f}%|{bar}| "
+                        "{elapsed}<{remaining} {postfix}", file=sys.stderr, leave=False)
         return self
 
     def __call__(self, fraction: float, stage: str) -> None:
@@ -280,7 +359,7 @@ class _ProgressBar:
 def _download_printer():
     def report(done: int, total: int, name: str) -> None:
         if total and done >= total:
-            print(f"downloaded {name} ({total / 1e6:.1f} MB)", file=sys.stderr)
+            print(f"downloaded {name} ({total / 1e6:.1f} MB)", file=sys.stderr, flush=True)
     return report
 
 
@@ -301,17 +380,49 @@ def _models_list(args: argparse.Namespace) -> int:
         print(json.dumps(entries_json(entries), indent=1))
         return 0
     default = registry.default_model().id
+    print(f"  {'ID':<26} {'KIND':<6} {'TASK':<17} {'SOURCE':<8} {'FILES':<18} TITLE")
     for entry in entries:
-        state = "here" if registry.is_available(entry) else f"download {registry.download_size(entry) / 1e6:.1f} MB"
+        try:
+            state = "here" if registry.is_available(entry) else f"download {registry.download_size(entry) / 1e6:.1f} MB"
+        except MeshNetLesionError as error:       # one damaged entry must not hide the others
+            state = f"damaged: {error}"
         mark = "*" if entry.id == default else " "
-        print(f"{mark} {entry.id:<26} {entry.kind:<6} {entry.origin:<8} {state:<18} {entry.title}")
+        print(f"{mark} {entry.id:<26} {entry.kind:<6} {entry.task or '-':<17} {entry.origin:<8} {state:<18} "
+              f"{entry.title}")
+    print("* the default lesion model; details: meshnet-lesion models show ID")
+    for name, reason in registry.damaged_imports().items():
+        print(f"! damaged import {name}: {reason} (remove it: meshnet-lesion models remove {name})")
     return 0
 
 
 def _models_show(args: argparse.Namespace) -> int:
     from .registry import entries_json
 
-    print(json.dumps(entries_json([_registry().get(args.id)])[0], indent=1))
+    registry = _registry()
+    entry = registry.get(args.id)
+    if args.json:
+        print(json.dumps(entries_json([entry])[0], indent=1))
+        return 0
+    card = entry.card
+    print(f"{entry.id}: {entry.title}")
+    rows = [("task", entry.task), ("version", card.get("version")), ("input", card.get("input")),
+            ("input convention", card.get("input_convention")), ("members", ", ".join(entry.member_ids)),
+            ("description", card.get("description")), ("trained on", card.get("training_data")),
+            ("license", card.get("license")), ("source", card.get("source")), ("citation", card.get("citation"))]
+    for name, value in rows:
+        if value:
+            print(f"  {name + ':':<18} {value}")
+    metrics = card.get("metrics") or []
+    print(f"  {'metrics:':<18} {'none published' if not metrics else ''}".rstrip())
+    for metric in metrics:
+        print(f"    - {metric['name']}: {metric['value']} ({metric.get('source', 'no source given')})")
+    if card.get("metrics_note"):
+        print(f"  {'note:':<18} {card['metrics_note']}")
+    if card.get("standardization_note"):
+        print(f"  {'standardisation:':<18} {card['standardization_note']}")
+    if entry.kind == "model":
+        here = registry.is_available(entry)
+        print(f"  {'files:':<18} {'on this machine' if here else f'{registry.download_size(entry) / 1e6:.1f} MB to download'}")
     return 0
 
 
@@ -330,8 +441,7 @@ def _models_import(args: argparse.Namespace) -> int:
 
 
 def _models_remove(args: argparse.Namespace) -> int:
-    _registry().remove(args.id)
-    print(f"removed {args.id}")
+    print(_registry().remove(args.id))
     return 0
 
 

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from .devices import PRECISIONS, resolve_device, resolve_precision
-from .errors import ModelError
+from .errors import ModelError, ResourceError
 from .progress import CancelToken, Progress, ProgressCallback
-from .spec import LayerSpec, LoadedModel
+from .spec import LayerSpec, LoadedModel, ModelSpec
 
 # Bytes of one layer's output per streaming step (CPU) and per slab of a GroupNorm layer. Small
 # steps keep the working set in cache and the peak memory low; on a GPU one step is the volume.
@@ -93,7 +93,37 @@ def padded_width(channels: int, device: torch.device) -> int:
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+    text = str(error).lower()
+    return (isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text
+            or "can't allocate memory" in text or "not enough memory" in text)
+
+
+def memory_estimate(spec: ModelSpec, shape: Sequence[int] = (256, 256, 256), bytes_per_value: int = 4) -> int:
+    """Bytes of activations the engine holds at its peak for ``spec`` on a volume of ``shape`` (not PyTorch itself).
+
+    A GroupNorm layer holds its whole input and output; a run of streamed layers holds its whole
+    input, a window of rows per layer (its slab plus twice the next dilation) and its whole output
+    (labels and one probability map after the classifier). The peak is the largest of these.
+    """
+    depth, height, width = (int(n) for n in shape)
+    plane = height * width * bytes_per_value
+    volume = depth * plane
+    widest = max(layer.out_channels for layer in spec.layers)
+    step = max(1, min(depth, STEP_BYTES_CPU // max(widest * plane, 1)))
+    peak, index, layers = 0, 0, spec.layers
+    while index < len(layers):
+        if layers[index].norm == "group":
+            peak = max(peak, (layers[index].in_channels + layers[index].out_channels) * volume)
+            index += 1
+            continue
+        start = index
+        while index < len(layers) and layers[index].norm != "group":
+            index += 1
+        windows = sum(layers[j].out_channels * min(depth, 2 * layers[j + 1].padding + step) * plane * 3 // 2
+                      for j in range(start, index - 1))
+        output = 2 * volume if index == len(layers) else layers[index - 1].out_channels * volume
+        peak = max(peak, layers[start].in_channels * volume + windows + output)
+    return int(peak + 2 * volume)                        # the normalised input and its padded copy
 
 
 class Engine:
@@ -146,14 +176,22 @@ class Engine:
         if volume.ndim != 3:
             raise ValueError(f"engine input must be 3D, got {volume.shape}")
         try:
-            output = self._run(volume, self.device, self.precision, probability_classes, progress, cancel)
-        except Exception as error:  # noqa: BLE001 - only out-of-memory on a GPU is retried
-            if self.device.type == "cpu" or not _is_out_of_memory(error):
+            try:
+                output = self._run(volume, self.device, self.precision, probability_classes, progress, cancel)
+            except Exception as error:  # noqa: BLE001 - only out-of-memory on a GPU is retried
+                if self.device.type == "cpu" or not _is_out_of_memory(error):
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                output = self._run(volume, torch.device("cpu"), "fp32", probability_classes, progress, cancel)
+                output.warnings.append(f"{self.device} ran out of memory; the run was repeated on the CPU")
+        except Exception as error:  # noqa: BLE001 - the CPU's own out-of-memory becomes one clear line
+            if not _is_out_of_memory(error):
                 raise
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            output = self._run(volume, torch.device("cpu"), "fp32", probability_classes, progress, cancel)
-            output.warnings.append(f"{self.device} ran out of memory; the run was repeated on the CPU")
+            need = memory_estimate(self.spec, volume.shape) / 2 ** 30
+            raise ResourceError(f"not enough memory: this model needs about {need + 1:.1f} GiB for a "
+                                f"{'x'.join(map(str, volume.shape))} volume (its activations and PyTorch); "
+                                "close other programs or use a machine with more memory") from error
         output.warnings[:0] = self._warnings
         return output
 

@@ -27,3 +27,11 @@ class DeviceError(MeshNetLesionError):
 
 class Cancelled(MeshNetLesionError):
     """The run was cancelled through its cancel event; nothing was written."""
+
+
+class OutputError(MeshNetLesionError):
+    """An output cannot be written (no space, no permission); earlier files are left as they were."""
+
+
+class ResourceError(MeshNetLesionError):
+    """The machine lacks the memory (or another resource) this run needs; the message says how much."""

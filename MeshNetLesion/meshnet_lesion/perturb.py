@@ -75,6 +75,12 @@ def resampled(volume: Volume, spacing: tuple[float, float, float]) -> Volume:
     return Volume(array, affine)
 
 
+def left_right_flipped(volume: Volume) -> Volume:
+    """The head mirrored left to right (the same grid): a left-hemisphere lesion becomes a right one."""
+    axis = int(np.abs(volume.affine[0, :3]).argmax())          # the array axis along R
+    return Volume(np.ascontiguousarray(np.flip(volume.array, axis)), volume.affine.copy())
+
+
 def mirrored_healthy_hemisphere(volume: Volume, lesioned_side: str = "L") -> Volume:
     """The ``lesioned_side`` hemisphere replaced by the mirror image of the other: a lesion-free scan.
 

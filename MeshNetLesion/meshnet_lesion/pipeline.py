@@ -17,8 +17,8 @@ import numpy as np
 
 from ._version import __version__
 from .conform import SHAPE, Conformed, between_grids, conform, reorient, to_source, zoom_to_grid
-from .engine import Engine, EngineOutput
-from .errors import InputError, ModelError
+from .engine import Engine, EngineOutput, memory_estimate
+from .errors import InputError, ModelError, ResourceError
 from .postprocess import brain_region, component_sizes, labels_to_source, lesion_to_source
 from .preprocess import CROP_MARGIN, head_box, normalize, standardize
 from .progress import CancelToken, Progress, ProgressCallback
@@ -163,7 +163,22 @@ class Segmenter:
 
     def segment(self, volume: Volume, *, probabilities: bool = False, progress: ProgressCallback | None = None,
                 cancel: CancelToken | None = None) -> SegmentationResult:
-        """Segment one volume. Raises :class:`InputError` for unusable input, :class:`Cancelled` on cancel."""
+        """Segment one volume. Raises :class:`InputError` for unusable input, :class:`Cancelled` on cancel,
+        :class:`ResourceError` when memory runs out (with how much this model needs).
+
+        One :class:`Segmenter` may be shared between threads: a run keeps its state in local variables
+        and the engines only read their prepared weights (tested with three threads at once).
+        """
+        try:
+            return self._segment(volume, probabilities, progress, cancel)
+        except MemoryError as error:
+            networks = ([self.brain_engine] if self.brain_engine is not None else []) + self.engines
+            need = max(memory_estimate(e.spec) for e in networks) / 2 ** 30 + 1.5  # + volumes and PyTorch
+            raise ResourceError(f"not enough memory to segment this scan: {self.entry.id} needs about {need:.1f} GiB; "
+                                "close other programs or use a machine with more memory") from error
+
+    def _segment(self, volume: Volume, probabilities: bool, progress: ProgressCallback | None,
+                 cancel: CancelToken | None) -> SegmentationResult:
         stages = Progress(progress, cancel)
         timings: dict[str, float] = {}
         warnings: list[str] = []

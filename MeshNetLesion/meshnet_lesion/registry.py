@@ -15,13 +15,14 @@ import os
 import re
 import shutil
 import sys
-import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import IntegrityError, ModelError, UnknownModelError
+from .outputs import partial_path, publish, remove_leftovers
 
 BUILTIN_REGISTRY = Path(__file__).with_name("models.json")
 MIRROR_ENV = "MESHNET_LESION_MIRROR"
@@ -100,7 +101,7 @@ class Registry:
         mirror = mirror if mirror is not None else os.environ.get(MIRROR_ENV)
         self.mirror = Path(mirror).expanduser() if mirror else None
         self._builtin = self._read_builtin()
-        self._imported_memo: tuple[tuple, dict[str, Entry]] | None = None
+        self._imported_memo: tuple[tuple, dict[str, Entry], dict[str, str]] | None = None
         self._mirror_index: dict[str, list[Path]] | None = None
         self._hash_memo: dict[tuple[str, int, int], str] = {}
 
@@ -129,27 +130,42 @@ class Registry:
         return entries
 
     def _imported(self) -> dict[str, Entry]:
-        """Imported models' cards, parsed again only when a card file was added, removed or changed."""
+        return self._read_imported()[0]
+
+    def damaged_imports(self) -> dict[str, str]:
+        """Imported folders whose card cannot be read, by folder name, with the reason (remove them by name)."""
+        return self._read_imported()[1]
+
+    def _read_imported(self) -> tuple[dict[str, Entry], dict[str, str]]:
+        """Imported models' cards, parsed again only when a folder or card was added, removed or changed."""
         root = self.cache_dir / "imported"
-        cards = []
-        for card in sorted(root.glob("*/entry.json")) if root.is_dir() else ():
+        try:
+            folders = sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
+        except OSError:
+            folders = []
+        key = []
+        for folder in folders:
             try:
-                stat = card.stat()
+                stat = (folder / "entry.json").stat()
+                key.append((folder.name, stat.st_mtime_ns, stat.st_size))
             except OSError:
-                continue
-            cards.append((card, stat.st_mtime_ns, stat.st_size))
-        key = tuple(cards)
-        if self._imported_memo is not None and self._imported_memo[0] == key:
-            return self._imported_memo[1]
-        entries = {}
-        for card, _, _ in cards:
+                key.append((folder.name, None, None))
+        if self._imported_memo is not None and self._imported_memo[0] == tuple(key):
+            return self._imported_memo[1], self._imported_memo[2]
+        entries, damaged = {}, {}
+        for folder in folders:
             try:
-                entry = _entry_from_dict(json.loads(card.read_text(encoding="utf-8")), "model", "imported")
-            except (OSError, json.JSONDecodeError, ModelError, KeyError):
-                continue  # a damaged import is skipped, not fatal for the registry
+                entry = _entry_from_dict(json.loads((folder / "entry.json").read_text(encoding="utf-8")), "model",
+                                         "imported")
+                if entry.id != folder.name:
+                    raise ModelError(f"its card names id '{entry.id}'")
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, ModelError, KeyError, TypeError,
+                    AttributeError) as error:
+                damaged[folder.name] = str(error) or type(error).__name__  # listed, and removable by name
+                continue
             entries[entry.id] = entry
-        self._imported_memo = (key, entries)
-        return entries
+        self._imported_memo = (tuple(key), entries, damaged)
+        return entries, damaged
 
     def entries(self, kind: str | None = None) -> list[Entry]:
         everything = {**self._builtin, **self._imported()}
@@ -193,16 +209,15 @@ class Registry:
         if self.mirror is None or not self.mirror.is_dir():
             return None
         if self._mirror_index is None:
-            index: dict[str, list[Path]] = {}
-            for folder, _, names in os.walk(self.mirror, followlinks=True):
-                for name in names:
-                    index.setdefault(name, []).append(Path(folder) / name)
-            self._mirror_index = index
+            self._mirror_index = _index_folder(self.mirror)
         for candidate in self._mirror_index.get(file.name, []):
-            if file.size is not None and candidate.stat().st_size != file.size:
+            try:
+                if file.size is not None and candidate.stat().st_size != file.size:
+                    continue
+                if self._hash(candidate) == file.sha256:
+                    return candidate
+            except OSError:       # vanished, unreadable or a dangling link: not a copy of the file
                 continue
-            if self._hash(candidate) == file.sha256:
-                return candidate
         return None
 
     def locate(self, entry: Entry, file: FileEntry) -> Path | None:
@@ -264,15 +279,26 @@ class Registry:
 
         target = self._cached_path(entry, file)
         target.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers([target.parent])
+        staging = partial_path(target.with_name("download"))   # pooch's own temporary file goes in here
         bar: Any = _CallbackBar(progress, file.name) if progress else False
         try:
-            pooch.retrieve(file.url, known_hash=f"sha256:{file.sha256}", fname=file.name,
-                           path=target.parent, progressbar=bar)
+            staging.mkdir()
+            pooch.retrieve(file.url, known_hash=f"sha256:{file.sha256}", fname=file.name, path=staging,
+                           progressbar=bar)
+            publish(staging / file.name, target)
         except ValueError as error:  # pooch's hash mismatch; it has removed the download already
             raise IntegrityError(f"{entry.id}: downloaded {file.name} does not match its SHA-256 "
                                  f"({file.url})") from error
         except Exception as error:
-            raise ModelError(f"{entry.id}: cannot download {file.name} from {file.url}: {error}") from error
+            reason = " ".join(str(error).split())[:160] or type(error).__name__
+            where = f"the mirror {self.mirror}" if self.mirror else f"no mirror ({MIRROR_ENV} is not set)"
+            raise ModelError(f"{entry.id}: {file.name} is not on this machine and could not be downloaded from "
+                             f"{file.url} ({reason}). Looked in the cache {self.cache_dir} and {where}. Offline? "
+                             f"Set {MIRROR_ENV} to a folder holding {file.name} (any depth), or copy it to "
+                             f"{target}.") from error
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return target
 
     def load(self, entry: Entry | str, progress: DownloadProgress | None = None):
@@ -292,9 +318,11 @@ class Registry:
         """Copy a local model folder into the cache as a new entry after loading it once to check it.
 
         The folder holds a brainchop ``model.json`` + ``model.pth``, a TensorFlow.js ``model.json``
-        + ``.bin`` shards, or one of our ``.safetensors`` files; a ``colormap.json`` is kept.
+        + ``.bin`` shards, one of our ``.safetensors`` files or a PyTorch checkpoint of the paper's
+        MeshNet; only the files the model is read from are copied (a ``colormap.json`` among them).
+        Links that leave the folder, and models too large to run here, are refused.
         """
-        from .formats import load_model_files
+        from .formats import load_with_files
 
         folder = Path(folder)
         if not folder.is_dir():
@@ -304,21 +332,24 @@ class Registry:
             raise ModelError(f"invalid model id '{entry_id}' (lower-case letters, digits, '.', '_' and '-')")
         if entry_id in self._builtin:
             raise ModelError(f"'{entry_id}' is a built-in model id; choose another id")
-        names = [p.name for p in sorted(folder.iterdir()) if p.is_file()
-                 and (p.suffix in (".json", ".bin", ".pth", ".pt", ".safetensors"))]
-        files = {name: folder / name for name in names if name != "entry.json"}
-        loaded = load_model_files(files, (card or {}).get("spec"))
+        loaded, used = load_with_files(_model_files_in(folder), (card or {}).get("spec"))
         if task == "lesion" and loaded.spec.num_classes != 2:
             raise ModelError(f"a lesion model must have 2 classes, this one has {loaded.spec.num_classes}")
+        _check_plausible(loaded)
         destination = self.cache_dir / "imported" / entry_id
+        if entry_id in self.damaged_imports():
+            raise ModelError(f"a damaged import named '{entry_id}' is in the way; remove it first "
+                             f"(meshnet-lesion models remove {entry_id})")
         if destination.exists():
             raise ModelError(f"a model with id '{entry_id}' is already imported; remove it first")
         destination.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{entry_id}-", dir=destination.parent))
+        remove_leftovers([destination.parent])
+        staging = partial_path(destination)
+        staging.mkdir()
         try:
             file_entries = []
-            for name, path in files.items():
-                shutil.copy2(path, staging / name)
+            for name in used:
+                shutil.copyfile(folder / name, staging / name)
                 file_entries.append({"name": name, "sha256": sha256_of(staging / name),
                                      "size": (staging / name).stat().st_size})
             record = {"id": entry_id, "title": title or entry_id, "task": task, "files": file_entries,
@@ -334,18 +365,100 @@ class Registry:
                 shutil.rmtree(staging)
         return self.get(entry_id)
 
-    def remove(self, entry: Entry | str) -> None:
-        """Forget an imported model, or delete the cached downloads of a built-in one (all members of an ensemble)."""
+    def remove(self, entry: Entry | str) -> str:
+        """Forget an imported model (a damaged one by its folder name), or delete the downloaded files of a
+        built-in one (every member's, for an ensemble). Returns what was done, in a sentence."""
+        if isinstance(entry, str) and entry in self.damaged_imports():
+            shutil.rmtree(self.cache_dir / "imported" / entry)
+            return f"removed the damaged import {entry}"
+        entry = self.get(entry)
         for member in self.members(entry):
             folder = self.cache_dir / ("imported" if member.origin == "imported" else "files") / member.id
             if folder.exists():
                 shutil.rmtree(folder)
+        if entry.origin == "imported":
+            return f"removed {entry.id}"
+        return (f"{entry.id} is built in and cannot be removed; its downloaded files were deleted "
+                "(they are fetched again when needed)")
 
     def clear_cache(self) -> None:
-        """Delete every downloaded file (imported models are kept)."""
+        """Delete every downloaded file (imported models are kept). A download running at the same time may
+        re-create its folder; that is retried, then reported."""
         files = self.cache_dir / "files"
-        if files.exists():
-            shutil.rmtree(files)
+        for attempt in range(3):
+            try:
+                shutil.rmtree(files)
+                return
+            except FileNotFoundError:
+                return
+            except OSError as error:
+                if attempt == 2:
+                    raise ModelError(f"could not clear {files}: {error.strerror or error} (is a download "
+                                     "running? try again when it has finished)") from error
+                time.sleep(0.2)
+
+
+MODEL_SUFFIXES = (".json", ".bin", ".pth", ".pt", ".ckpt", ".safetensors")
+# An import is refused beyond these: far above any MeshNet (150 thousand parameters, 2 GiB at 256³).
+MAX_IMPORT_PARAMETERS = 50_000_000
+
+
+def _model_files_in(folder: Path) -> dict[str, Path]:
+    """The files of a model folder a reader may use; a link that leaves the folder is refused."""
+    root = folder.resolve()
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.name == "entry.json" or not path.name.endswith(MODEL_SUFFIXES):
+            continue                                   # macOS ._* files, our own card, anything else
+        if path.is_symlink() and not path.resolve().is_relative_to(root):
+            raise ModelError(f"{path.name} is a link to {path.resolve()}, outside {folder}; copy the file "
+                             "into the folder instead")
+        if path.is_file():
+            files[path.name] = path
+    return files
+
+
+def _check_plausible(loaded) -> None:
+    """Refuse a model that could never run here: too many parameters, or more memory than the machine has."""
+    from .engine import memory_estimate
+
+    if loaded.num_parameters > MAX_IMPORT_PARAMETERS:
+        raise ModelError(f"implausible model: {loaded.num_parameters:,} parameters (MeshNets have thousands to "
+                         f"hundreds of thousands; at most {MAX_IMPORT_PARAMETERS:,} are accepted)")
+    need = memory_estimate(loaded.spec)
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        have = None
+    if have and need > have:
+        raise ModelError(f"this model needs about {need / 2 ** 30:.0f} GiB for a 256³ volume, more than this "
+                         f"machine's {have / 2 ** 30:.0f} GiB")
+
+
+def _index_folder(root: Path, max_folders: int = 100_000) -> dict[str, list[Path]]:
+    """Every file name below ``root`` (links followed, each real folder once, so link loops end)."""
+    index: dict[str, list[Path]] = {}
+    seen: set[tuple[int, int]] = set()
+    pending = [root]
+    while pending and len(seen) < max_folders:
+        folder = pending.pop()
+        try:
+            stat = folder.stat()
+            if (stat.st_dev, stat.st_ino) in seen:
+                continue
+            seen.add((stat.st_dev, stat.st_ino))
+            children = list(os.scandir(folder))
+        except OSError:
+            continue
+        for child in children:
+            try:
+                if child.is_dir():             # follows links; a dangling one is neither dir nor file
+                    pending.append(Path(child.path))
+                elif child.is_file():
+                    index.setdefault(child.name, []).append(Path(child.path))
+            except OSError:
+                continue
+    return index
 
 
 def _entry_from_dict(item: Mapping[str, Any], kind: str, origin: str, base: Path | None = None) -> Entry:

@@ -17,6 +17,8 @@ import numpy as np
 from .errors import ModelError
 
 SPEC_FORMAT = "meshnet-spec/1"
+# Far beyond any MeshNet (9-30 layers of 5-32 channels), small enough to refuse a hostile or broken file early.
+MAX_LAYERS, MAX_CHANNELS, MAX_KERNEL, MAX_DILATION = 256, 4096, 15, 256
 NORMS = ("none", "batch", "group")
 ACTIVATIONS = ("none", "relu", "elu", "gelu")
 # Colours for classes that a model file does not name (background first).
@@ -51,6 +53,10 @@ class LayerSpec:
             raise ModelError(f"kernel size must be odd, not {self.kernel_size}")
         if min(self.in_channels, self.out_channels, self.dilation) < 1:
             raise ModelError(f"invalid layer {self}")
+        if max(self.in_channels, self.out_channels) > MAX_CHANNELS or self.kernel_size > MAX_KERNEL \
+                or self.dilation > MAX_DILATION:
+            raise ModelError(f"implausible layer (at most {MAX_CHANNELS} channels, kernel {MAX_KERNEL}, "
+                             f"dilation {MAX_DILATION}): {self}")
 
     @property
     def padding(self) -> int:
@@ -154,6 +160,8 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if not self.layers:
             raise ModelError("a model needs at least one layer")
+        if len(self.layers) > MAX_LAYERS:
+            raise ModelError(f"implausible model: {len(self.layers)} layers (at most {MAX_LAYERS})")
         for previous, layer in zip(self.layers, self.layers[1:]):
             if previous.out_channels != layer.in_channels:
                 raise ModelError(f"layer channels do not chain: {previous.out_channels} -> {layer.in_channels}")

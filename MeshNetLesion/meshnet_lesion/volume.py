@@ -7,7 +7,6 @@ Every front end converts to this before anything else happens: files through :fu
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,9 @@ import numpy as np
 from .errors import InputError
 
 NIFTI_INTENT_LABEL = 1002
+# More voxels than any MRI has (1000³): a header claiming more is damaged or hostile, and is refused
+# before its data is read.
+MAX_VOXELS = 1_000_000_000
 _NRRD_SUFFIXES = (".nrrd", ".nhdr")
 # NRRD "space" names and the sign flips that take that space to RAS.
 _NRRD_SPACE_TO_RAS = {
@@ -106,13 +108,21 @@ def _load_nibabel(path: Path) -> Volume:
     import nibabel as nib
 
     image = nib.load(str(path))
+    _check_size(path, image.shape)
     # np.asanyarray(dataobj) applies scl_slope/scl_inter, as niimath does.
     return Volume(np.asanyarray(image.dataobj), image.affine)
+
+
+def _check_size(path: Path, shape) -> None:
+    if int(np.prod([int(n) for n in shape], dtype=np.float64)) > MAX_VOXELS:
+        raise InputError(f"{path.name} claims {' x '.join(str(int(n)) for n in shape)} voxels, more than any MRI "
+                         "scan; the file is damaged or not a scan")
 
 
 def _load_nrrd(path: Path) -> Volume:
     import nrrd
 
+    _check_size(path, nrrd.read_header(str(path)).get("sizes", ()))
     data, header = nrrd.read(str(path))
     space = str(header.get("space", "right-anterior-superior")).lower()
     if space not in _NRRD_SPACE_TO_RAS:
@@ -141,26 +151,26 @@ def _load_nrrd(path: Path) -> Volume:
 def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, *, label: bool = False) -> Path:
     """Write ``array`` ((i, j, k) order) with ``affine`` to NIfTI or NRRD, atomically.
 
-    The file appears complete or not at all: it is written beside its destination and renamed.
+    The file appears complete or not at all: it is written beside its destination as a partial
+    file and renamed (see :mod:`.outputs`); a failure leaves an existing file at ``path`` as it was.
     """
+    from .outputs import partial_path, publish
+
     path = Path(path)
     if not path.parent.is_dir():
         raise InputError(f"output folder does not exist: {path.parent}")
     name = path.name.lower()
-    suffix = ".nii.gz" if name.endswith(".nii.gz") else path.suffix
-    handle, tmp = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=path.parent)
-    os.close(handle)
+    if not name.endswith(_NRRD_SUFFIXES + (".nii", ".nii.gz")):
+        raise InputError(f"unsupported output format: {path.name} (use .nii, .nii.gz or .nrrd)")
+    tmp = partial_path(path)
     try:
         if name.endswith(_NRRD_SUFFIXES):
-            _save_nrrd(tmp, array, affine)
-        elif name.endswith((".nii", ".nii.gz")):
-            _save_nifti(tmp, array, affine, label)
+            _save_nrrd(str(tmp), array, affine)
         else:
-            raise InputError(f"unsupported output format: {path.name} (use .nii, .nii.gz or .nrrd)")
-        os.replace(tmp, path)
+            _save_nifti(str(tmp), array, affine, label)
+        publish(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
     return path
 
 

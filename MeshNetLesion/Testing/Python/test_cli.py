@@ -120,7 +120,7 @@ def test_models_commands(registry, tmp_path):
     listing = run("models", "list")
     assert listing.returncode == 0
     assert "* arc-meshnet26 " in listing.stdout and "sample-arc-m2265-t2w" in listing.stdout
-    card = json.loads(run("models", "show", "brainchop-mindgrab").stdout)
+    card = json.loads(run("models", "show", "brainchop-mindgrab", "--json").stdout)
     assert card["license"] == "MIT" and card["metrics"]
     fetched = run("models", "fetch", "sample-t1-crop")
     assert fetched.returncode == 0 and fetched.stdout.strip().endswith("t1_crop.nii.gz")

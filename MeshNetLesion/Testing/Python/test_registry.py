@@ -155,7 +155,7 @@ def test_mirror_ignores_a_file_with_the_right_name_but_wrong_hash(tmp_path, http
 def test_unreachable_download_is_a_clear_error(tmp_path, registry):
     files = [{"name": "model.json", "sha256": "1" * 64, "url": "http://127.0.0.1:9/model.json"}]
     local = Registry(_registry_file(tmp_path, files), cache_dir=tmp_path / "cache", mirror=tmp_path / "none")
-    with pytest.raises(ModelError, match="cannot download model.json"):
+    with pytest.raises(ModelError, match="model.json is not on this machine and could not be downloaded"):
         local.fetch("tiny")
     assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
 

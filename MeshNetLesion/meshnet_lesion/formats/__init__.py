@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import zipfile
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -23,11 +24,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelError
-from ..spec import ClassSpec, LoadedModel, ModelSpec
+from ..spec import ClassSpec, LoadedModel
 
 
 class ModelFiles:
-    """A model's files by name (e.g. ``model.json``, ``model.bin``); JSON files are parsed once."""
+    """A model's files by name (e.g. ``model.json``, ``model.bin``); JSON files are parsed once.
+
+    ``used`` records the files a reader opened, so an import copies those and nothing else.
+    """
 
     def __init__(self, files: Mapping[str, Path | str]) -> None:
         self.paths = {name: Path(path) for name, path in files.items()}
@@ -35,11 +39,13 @@ class ModelFiles:
             if not path.is_file():
                 raise ModelError(f"model file missing: {name} ({path})")
         self._json: dict[str, Any] = {}
+        self.used: set[str] = set()
 
     def __contains__(self, name: str) -> bool:
         return name in self.paths
 
     def __getitem__(self, name: str) -> Path:
+        self.used.add(name)
         return self.paths[name]
 
     def names(self, *suffixes: str) -> list[str]:
@@ -48,7 +54,7 @@ class ModelFiles:
 
     def json(self, name: str) -> Any:
         if name not in self._json:
-            self._json[name] = read_json(self.paths[name])
+            self._json[name] = read_json(self[name])
         return self._json[name]
 
     def json_has(self, name: str, key: str) -> bool:
@@ -66,12 +72,23 @@ def load_model_files(files: Mapping[str, Path | str], overrides: Mapping | None 
     """Load a model from its files, keyed by file name; the format is recognised from the contents.
 
     A ``colormap.json`` names the classes; ``overrides`` (a registry entry's ``spec``) may replace
-    the input normalisation and classes.
+    the input convention, normalisation, standardisation and classes.
     """
+    return load_with_files(files, overrides)[0]
+
+
+def load_with_files(files: Mapping[str, Path | str], overrides: Mapping | None = None) -> tuple[LoadedModel, list[str]]:
+    """:func:`load_model_files`, and the names of the files the model was read from."""
     model_files = ModelFiles(files)
     for fmt in _formats():
         if fmt.matches(model_files):
-            loaded = fmt.load(model_files)
+            try:
+                loaded = fmt.load(model_files)
+            except ModelError:
+                raise
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
+                raise ModelError(f"malformed {fmt.__name__.rsplit('.', 1)[-1]} model: {type(error).__name__} "
+                                 f"{error}") from error
             break
     else:
         if "model.json" in model_files:
@@ -83,8 +100,8 @@ def load_model_files(files: Mapping[str, Path | str], overrides: Mapping | None 
         classes = classes_from_colormap(model_files.json("colormap.json"))
         if len(classes) != spec.num_classes:
             raise ModelError(f"colormap.json names {len(classes)} classes, the model has {spec.num_classes}")
-        spec = ModelSpec(spec.layers, spec.normalization, classes, spec.norm_eps)
-    return LoadedModel(spec.with_overrides(overrides), loaded.params)
+        spec = replace(spec, classes=classes)
+    return LoadedModel(spec.with_overrides(overrides), loaded.params), sorted(model_files.used)
 
 
 def classes_from_colormap(colormap: Mapping[str, Any]) -> tuple[ClassSpec, ...]:
@@ -100,7 +117,7 @@ def classes_from_colormap(colormap: Mapping[str, Any]) -> tuple[ClassSpec, ...]:
 def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise ModelError(f"cannot read {path.name}: {error}") from error
 
 
