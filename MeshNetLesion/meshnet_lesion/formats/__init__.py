@@ -108,8 +108,9 @@ def classes_from_colormap(colormap: Mapping[str, Any]) -> tuple[ClassSpec, ...]:
     """brainchop/T2lesion ``colormap.json``: ``labels`` with parallel ``R``, ``G``, ``B`` lists."""
     try:
         labels, red, green, blue = colormap["labels"], colormap["R"], colormap["G"], colormap["B"]
-        return tuple(ClassSpec(str(name), (int(r), int(g), int(b)))
-                     for name, r, g, b in zip(labels, red, green, blue, strict=True))
+        if not len(labels) == len(red) == len(green) == len(blue):   # zip(strict=True) needs Python 3.10
+            raise ValueError(f"{len(labels)} labels for {len(red)}/{len(green)}/{len(blue)} R/G/B values")
+        return tuple(ClassSpec(str(name), (int(r), int(g), int(b))) for name, r, g, b in zip(labels, red, green, blue))
     except (KeyError, TypeError, ValueError) as error:
         raise ModelError(f"malformed colormap.json: {error}") from error
 
