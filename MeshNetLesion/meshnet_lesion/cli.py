@@ -20,7 +20,7 @@ from ._version import __version__
 from .errors import Cancelled, InputError, MeshNetLesionError, OutputError
 from .outputs import OutputSet, check_writable, partial_path, publish, remove_leftovers
 
-EXIT_BAD_INPUT, EXIT_CANCELLED = 2, 130
+EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_BROKEN_PIPE = 2, 130, 141  # 141: as killed by SIGPIPE
 _SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mgz", ".mgh", ".img", ".hdr")
 
 
@@ -28,7 +28,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()                 # a closed pipe shows here, inside the handler below
+        return code
+    except BrokenPipeError:
+        # the reader went away (`meshnet-lesion models list | head -3`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         _error("cancelled")
         return EXIT_CANCELLED
@@ -418,6 +424,10 @@ def _models_show(args: argparse.Namespace) -> int:
         print(f"    - {metric['name']}: {metric['value']} ({metric.get('source', 'no source given')})")
     if card.get("metrics_note"):
         print(f"  {'note:':<18} {card['metrics_note']}")
+    if card.get("measured"):
+        print("  measured by this project (not a published evaluation):")
+        for item in card["measured"]:
+            print(f"    - {item['name']}: {item['value']} ({item['source']})")
     if card.get("standardization_note"):
         print(f"  {'standardisation:':<18} {card['standardization_note']}")
     if entry.kind == "model":

@@ -331,6 +331,15 @@ def test_models_list_has_headers_and_show_is_a_readable_card(tmp_path):
     assert "``" not in run("--help").stdout
 
 
+def test_a_reader_that_goes_away_is_no_traceback(tmp_path):
+    """``meshnet-lesion models list | head -3`` printed a BrokenPipeError traceback."""
+    child = subprocess.Popen([*CLI, "models", "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**os.environ, "MESHNET_LESION_CACHE": str(tmp_path / "cache")})
+    child.stdout.close()                                   # the reader is gone before the first line
+    stderr = child.stderr.read().decode()
+    assert child.wait(timeout=120) == cli_module.EXIT_BROKEN_PIPE and stderr == "", stderr
+
+
 def test_one_segmenter_may_be_shared_between_threads(registry):
     segmenter = Segmenter("t2lesion-meshnet11", registry=registry, device="cpu", brain_mask=False)
     data = np.zeros((56, 60, 50), np.float32)
