@@ -174,6 +174,8 @@ def main() -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--synthetic", type=int, default=2, help="volumes in each synthetic set (0: none)")
     parser.add_argument("--part", choices=("robustness", "conventions", "all"), default="all")
+    parser.add_argument("--cases", default=",".join(AGREEMENT + LESION_FREE),
+                        help="the agreement and lesion-free cases to run (comma-separated; default: all)")
     parser.add_argument("--report", type=Path, default=RESULTS)
     args = parser.parse_args()
     shared = Path(os.environ["MESHNET_LESION_MIRROR"])
@@ -205,12 +207,17 @@ def main() -> int:
     brain = next(iter(originals.values())).brain
     own_lesion = np.logical_or.reduce([r.labels == 1 for r in originals.values()])
 
-    cases = agreement_cases(scan, brain)
+    wanted = set(args.cases.split(","))
+    if wanted - set(AGREEMENT + LESION_FREE):
+        parser.error(f"unknown cases {sorted(wanted - set(AGREEMENT + LESION_FREE))}; known: {AGREEMENT + LESION_FREE}")
+    cases = {name: volume for name, volume in agreement_cases(scan, brain).items() if name in wanted}
     lesion_free = {"mirrored healthy hemisphere": [perturb.mirrored_healthy_hemisphere(scan, "L")]}
     painted: list = []
     if args.synthetic:
         free, painted = synthetic_sets(registry, shared, own_lesion, scan, brain, args.synthetic)
         lesion_free["synthetic lesion-free"] = free
+    lesion_free = {name: volumes for name, volumes in lesion_free.items() if name in wanted}
+    args.report.parent.mkdir(parents=True, exist_ok=True)
 
     for model_id, segmenter in segmenters.items():
         row = results["models"][model_id]
@@ -240,6 +247,8 @@ def main() -> int:
             row["synthetic held-out"]["volumes"] = scores
             print(f"{model_id:24} {'synthetic held-out':28} Dice {row['synthetic held-out']['dice']:.3f}  "
                   f"AVD {row['synthetic held-out']['avd']:.3f}  MCC {row['synthetic held-out']['mcc']:.3f}", flush=True)
+        # after each model, so that a run stopped part-way keeps what it measured
+        args.report.write_text(json.dumps(results, indent=1, default=float) + "\n", encoding="utf-8")
 
     template_ml = template_brain_ml(registry)
     brain_ml = next(iter(originals.values())).brain_volume_ml
@@ -251,7 +260,6 @@ def main() -> int:
     if args.part == "all":
         results.update(conventions(registry, shared, scan, models))
     _print_table(results, models)
-    args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(results, indent=1, default=float) + "\n", encoding="utf-8")
     print(f"wrote {args.report}")
     return 0
@@ -262,7 +270,7 @@ def _print_table(results: dict, models: list[str]) -> None:
     print(f"{'case':30}" + "".join(f"{m:>26}" for m in models))
     row = results["models"]
     print(f"{'M2265 lesion mL':30}" + "".join(f"{row[m]['original']['lesion_ml']:>26.1f}" for m in models))
-    for name in AGREEMENT:
+    for name in [n for n in AGREEMENT if n in row[models[0]]]:
         print(f"{name + ': Dice (mL)':30}" + "".join(
             f"{row[m][name]['dice']:>17.3f} ({row[m][name]['lesion_ml']:5.1f})" for m in models))
     for name in LESION_FREE:

@@ -167,6 +167,7 @@ def modelCardHtml(card: dict[str, Any]) -> str:
     rows = [(_("Task"), card.get("task", "")), (_("Input"), card.get("input", "")),
             (_("Input convention"), card.get("input_convention", "")),
             (_("Trained on"), card.get("training_data", "")), (_("Known metrics"), metricText),
+            (_("Measured by this project"), "; ".join(f"{m['name']}: {m['value']}" for m in card.get("measured") or [])),
             (_("Licence"), card.get("license", "")), (_("Files"), state)]
     text = "".join(f"<b>{name}:</b> {html.escape(str(value))}<br>" for name, value in rows if value)
     if card.get("source"):

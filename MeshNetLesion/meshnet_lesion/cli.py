@@ -424,6 +424,8 @@ def _models_show(args: argparse.Namespace) -> int:
         print(f"    - {metric['name']}: {metric['value']} ({metric.get('source', 'no source given')})")
     if card.get("metrics_note"):
         print(f"  {'note:':<18} {card['metrics_note']}")
+    if card.get("default_reason"):
+        print(f"  {'why the default:':<18} {card['default_reason']}")
     if card.get("measured"):
         print("  measured by this project (not a published evaluation):")
         for item in card["measured"]:

@@ -61,10 +61,16 @@ def test_builtin_entries_and_cards(registry):
     ids = {entry.id for entry in registry.entries()}
     assert REQUIRED_IDS <= ids
     assert registry.default_model().id == "arc-meshnet26"
+    default = registry.default_model().card
+    assert default["metrics"] and default["measured"]          # published held-out Dice, and our suite's figures
     for entry in registry.entries("model"):
         for key in ("task", "license", "citation", "training_data", "metrics", "postprocess"):
             assert key in entry.card, (entry.id, key)
         assert ("spec" in entry.card) != bool(entry.member_ids), entry.id   # an ensemble's spec is its members'
+        for metric in entry.card["metrics"]:                  # published evaluations name where they were published
+            assert metric["source"], (entry.id, metric)
+        for figure in entry.card.get("measured", []):         # our own figures name the command that measured them
+            assert "benchmarks/quality.py" in figure["source"], (entry.id, figure)
         assert registry.is_available(entry), entry.id
         for file in entry.files:
             if file.bundled is not None:       # shipped with the extension

@@ -340,4 +340,7 @@ def test_model_card_html_shows_the_card_escaped(logic):
     assert f'<a href="{card["source"]}">' in text
     assert "&lt;script&gt;" in modelCardHtml({**card, "input": "<script>"})
     assert logic.defaultModelId() == "arc-meshnet26"
+    default = modelCardHtml(logic.modelCard("arc-meshnet26"))
+    assert "<b>Known metrics:</b> Dice, mean over 75 held-out ARC subjects" in default
+    assert "<b>Measured by this project:</b>" in default
     assert logic.defaultBrainMask("t2lesion-meshnet11") and not logic.defaultBrainMask("brainchop-mindgrab")
