@@ -108,7 +108,7 @@ def classes_from_colormap(colormap: Mapping[str, Any]) -> tuple[ClassSpec, ...]:
     """brainchop/T2lesion ``colormap.json``: ``labels`` with parallel ``R``, ``G``, ``B`` lists."""
     try:
         labels, red, green, blue = colormap["labels"], colormap["R"], colormap["G"], colormap["B"]
-        if not len(labels) == len(red) == len(green) == len(blue):   # zip(strict=True) needs Python 3.10
+        if not len(labels) == len(red) == len(green) == len(blue):   # zip's strict flag needs Python 3.10 (Slicer 5.8 has 3.9)
             raise ValueError(f"{len(labels)} labels for {len(red)}/{len(green)}/{len(blue)} R/G/B values")
         return tuple(ClassSpec(str(name), (int(r), int(g), int(b))) for name, r, g, b in zip(labels, red, green, blue))
     except (KeyError, TypeError, ValueError) as error:
