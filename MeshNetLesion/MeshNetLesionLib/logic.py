@@ -159,15 +159,16 @@ class MeshNetLesionLogic:
 
 def modelCardHtml(card: dict[str, Any]) -> str:
     """The model card (:meth:`MeshNetLesionLogic.modelCard`) as the HTML the panel shows."""
-    metrics = card.get("metrics") or []
-    metricText = "; ".join(f"{m['name']}: {m['value']}" for m in metrics) or card.get("metrics_note",
-                                                                                      _("none published"))
+    def figures(key: str) -> str:
+        return "; ".join(f"{m['name']}: {m['value']}" for m in card.get(key) or [])
+
+    metricText = figures("metrics") or card.get("metrics_note", _("none published"))
     state = (_("on this computer") if card["available"] else
              _("downloads {size:.1f} MB on first use").format(size=card["download_mb"]))
     rows = [(_("Task"), card.get("task", "")), (_("Input"), card.get("input", "")),
             (_("Input convention"), card.get("input_convention", "")),
             (_("Trained on"), card.get("training_data", "")), (_("Known metrics"), metricText),
-            (_("Measured by this project"), "; ".join(f"{m['name']}: {m['value']}" for m in card.get("measured") or [])),
+            (_("Measured by this project"), figures("measured")),
             (_("Licence"), card.get("license", "")), (_("Files"), state)]
     text = "".join(f"<b>{name}:</b> {html.escape(str(value))}<br>" for name, value in rows if value)
     if card.get("source"):

@@ -418,18 +418,18 @@ def _models_show(args: argparse.Namespace) -> int:
     for name, value in rows:
         if value:
             print(f"  {name + ':':<18} {value}")
-    metrics = card.get("metrics") or []
-    print(f"  {'metrics:':<18} {'none published' if not metrics else ''}".rstrip())
-    for metric in metrics:
-        print(f"    - {metric['name']}: {metric['value']} ({metric.get('source', 'no source given')})")
+    def figures(heading: str, key: str) -> None:
+        print(heading)
+        for item in card.get(key) or []:
+            print(f"    - {item['name']}: {item['value']} ({item.get('source', 'no source given')})")
+
+    figures(f"  {'metrics:':<18} {'' if card.get('metrics') else 'none published'}".rstrip(), "metrics")
     if card.get("metrics_note"):
         print(f"  {'note:':<18} {card['metrics_note']}")
     if card.get("default_reason"):
         print(f"  {'why the default:':<18} {card['default_reason']}")
     if card.get("measured"):
-        print("  measured by this project (not a published evaluation):")
-        for item in card["measured"]:
-            print(f"    - {item['name']}: {item['value']} ({item['source']})")
+        figures("  measured by this project (not a published evaluation):", "measured")
     if card.get("standardization_note"):
         print(f"  {'standardisation:':<18} {card['standardization_note']}")
     if entry.kind == "model":
