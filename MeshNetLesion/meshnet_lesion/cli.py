@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .errors import Cancelled, InputError, MeshNetLesionError, OutputError
-from .outputs import OutputSet, check_writable, partial_path, publish, remove_leftovers
+from .outputs import OutputSet, atomic_file, check_writable, remove_leftovers
 
 EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_BROKEN_PIPE = 2, 130, 141  # 141: as killed by SIGPIPE
 _SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mgz", ".mgh", ".img", ".hdr")
@@ -308,12 +308,9 @@ def _write_outputs(plan, volume, result, segmenter) -> None:
 
 def _write_json(path: Path, data) -> Path:
     """JSON written as a partial file beside ``path``, then renamed (atomic, ordinary permissions)."""
-    tmp = partial_path(path)
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        return publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as partial:
+        partial.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return path
 
 
 @contextlib.contextmanager

@@ -3,17 +3,19 @@
 - Every file is first written as ``.partial-<pid>-<random>-<name>`` in its target's folder (same
   file system, so the rename is atomic), with the permissions any other program's output gets (the
   umask), then renamed over the target.
-- :class:`OutputSet` does that for all outputs of one input together: nothing is renamed until
-  every one of them has been written, so a failure leaves earlier results as they were.
+- :func:`atomic_file` does that for one file; :class:`OutputSet` for all outputs of one input
+  together: nothing is renamed until every one of them has been written, so a failure leaves
+  earlier results as they were.
 - :func:`remove_leftovers` deletes partial files whose process is gone (a killed run).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import InputError
@@ -45,6 +47,17 @@ def publish(partial: Path, target: Path) -> Path:
     os.chmod(partial, 0o666 & ~_umask())
     os.replace(partial, target)
     return target
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """A partial path to write ``target`` to: published when the block ends normally, removed in any case."""
+    partial = partial_path(Path(target))
+    try:
+        yield partial
+        publish(partial, Path(target))
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def check_writable(folder: Path) -> None:

@@ -172,8 +172,7 @@ class Segmenter:
         try:
             return self._segment(volume, probabilities, progress, cancel)
         except MemoryError as error:
-            networks = ([self.brain_engine] if self.brain_engine is not None else []) + self.engines
-            need = max(memory_estimate(e.spec) for e in networks) / 2 ** 30 + 1.5  # + volumes and PyTorch
+            need = max(memory_estimate(e.spec) for e in self._networks) / 2 ** 30 + 1.5  # + volumes and PyTorch
             raise ResourceError(f"not enough memory to segment this scan: {self.entry.id} needs about {need:.1f} GiB; "
                                 "close other programs or use a machine with more memory") from error
 
@@ -236,9 +235,13 @@ class Segmenter:
 
     def _share(self, engine: Engine) -> float:
         """The share of the whole run's progress that one network takes (by its arithmetic)."""
-        networks = ([self.brain_engine] if self.brain_engine is not None else []) + self.engines
         return (1 - _CONFORM_SHARE - _FINISH_SHARE) * engine.spec.macs_per_voxel / sum(
-            e.spec.macs_per_voxel for e in networks)
+            e.spec.macs_per_voxel for e in self._networks)
+
+    @property
+    def _networks(self) -> list[Engine]:
+        """Every network a run uses: the brain-extraction one (if any), then the model's."""
+        return ([self.brain_engine] if self.brain_engine is not None else []) + self.engines
 
     def _prepare(self, volume: Volume, stages: Progress, timings: dict[str, float], warnings: list[str]) -> ModelInput:
         started = time.perf_counter()

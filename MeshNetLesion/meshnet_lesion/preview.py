@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .outputs import partial_path, publish
+from .outputs import atomic_file
 
 MOSAIC = 8                     # axial slices across the lesion's (else the head's) extent
 FOOTER = "MeshNetLesion research software: not for clinical use"
@@ -86,11 +86,9 @@ def write_preview(path: str | os.PathLike, volume: np.ndarray, labels: np.ndarra
     figure.suptitle(title or "MeshNetLesion", color="white")
     figure.text(0.5, 0.01, FOOTER, color="orange", ha="center", fontsize=9)
     path = Path(path)
-    tmp = partial_path(path)
     try:
-        figure.savefig(tmp, dpi=100, facecolor="black", format="png")
-        publish(tmp, path)
+        with atomic_file(path) as partial:
+            figure.savefig(partial, dpi=100, facecolor="black", format="png")
     finally:
         plt.close(figure)
-        tmp.unlink(missing_ok=True)
     return path

@@ -154,7 +154,7 @@ def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, 
     The file appears complete or not at all: it is written beside its destination as a partial
     file and renamed (see :mod:`.outputs`); a failure leaves an existing file at ``path`` as it was.
     """
-    from .outputs import partial_path, publish
+    from .outputs import atomic_file
 
     path = Path(path)
     if not path.parent.is_dir():
@@ -162,15 +162,11 @@ def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, 
     name = path.name.lower()
     if not name.endswith(_NRRD_SUFFIXES + (".nii", ".nii.gz")):
         raise InputError(f"unsupported output format: {path.name} (use .nii, .nii.gz or .nrrd)")
-    tmp = partial_path(path)
-    try:
+    with atomic_file(path) as partial:
         if name.endswith(_NRRD_SUFFIXES):
-            _save_nrrd(str(tmp), array, affine)
+            _save_nrrd(str(partial), array, affine)
         else:
-            _save_nifti(str(tmp), array, affine, label)
-        publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            _save_nifti(str(partial), array, affine, label)
     return path
 
 

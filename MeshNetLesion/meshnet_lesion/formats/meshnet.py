@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError
+from ..outputs import atomic_file
 from ..spec import LayerParams, LoadedModel, ModelSpec
 from . import ModelFiles
 
@@ -54,12 +55,8 @@ def write(path: Path, state: Mapping, spec: ModelSpec, metadata: Mapping[str, st
     """Write torch tensors and the spec (plus string ``metadata``) atomically: complete or not at all."""
     from safetensors.torch import save_file
 
-    partial = path.with_name(f".{path.name}.partial")
-    try:
+    with atomic_file(path) as partial:
         save_file(dict(state), str(partial), metadata={**(metadata or {}), SPEC_METADATA_KEY: spec.to_json()})
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def loaded_from_state(spec: ModelSpec, state: Mapping[str, np.ndarray]) -> LoadedModel:
