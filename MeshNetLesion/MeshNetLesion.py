@@ -7,7 +7,6 @@ Third-party packages (torch, scipy, safetensors, pooch) are imported only when a
 import logging
 import os
 import time
-import traceback
 from typing import Annotated
 
 import qt
@@ -24,16 +23,15 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from MeshNetLesionLib.install import ensureDependencies
-from MeshNetLesionLib.logic import MeshNetLesionLogic, modelCardHtml
+from MeshNetLesionLib import texts
+from MeshNetLesionLib.install import dependenciesMissing, ensureDependencies
+from MeshNetLesionLib.job import POLL_INTERVAL_MS, WORKER_SLICE_S
+from MeshNetLesionLib.logic import MeshNetLesionLogic, errorDetails, modelCardHtml
 
 SAMPLE_NAME = "MeshNetLesionARC"
-# How long each timer tick gives the worker thread the GIL. Slicer's main thread holds the GIL
-# while idle in the Qt event loop, so the worker's Python code only runs while the main thread
-# sleeps here (torch kernels release the GIL and run regardless). 20 ms of every 50 ms keeps the
-# panel responsive and the worker busy.
-POLL_INTERVAL_MS = 50
-WORKER_SLICE_S = 0.02
+DOCUMENTATION_URL = "https://github.com/MeshNetLesion/SlicerMeshNetLesion#readme"
+APPLY_DEBOUNCE_S = 0.5      # clicks on Apply/Cancel closer than this are one click
+JOB_CLOSE_TIMEOUT_S = 5.0
 
 
 class MeshNetLesion(ScriptedLoadableModule):
@@ -48,6 +46,7 @@ class MeshNetLesion(ScriptedLoadableModule):
             "of a few thousand to 150 thousand parameters. Select a T2 volume and a model, click Apply, "
             "then review and correct the 'Lesion' segment in Segment Editor. Research use only: not for "
             "clinical use.")
+        self.parent.helpText += " " + _('See the <a href="{url}">documentation</a>.').format(url=DOCUMENTATION_URL)
         self.parent.acknowledgementText = _(
             "MeshNet: Fedorov et al., State-of-the-Art Stroke Lesion Segmentation at 1/1000th of Parameters "
             "(2025). Default model: the paper's MeshNet-26 trained on the Aphasia Recovery Cohort (Gibson et "
@@ -104,6 +103,8 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._timer = None
         self._updatingGui = False
+        self._devicesKnown = False
+        self._lastApplyClick = 0.0
         VTKObservationMixin.__init__(self)
         ScriptedLoadableModuleWidget.__init__(self, parent)
 
@@ -114,7 +115,9 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         if self.logic is None:
-            self.logic = MeshNetLesionLogic(terminologyLogic=slicer.modules.terminologies.logic())
+            terminologies = getattr(slicer.modules, "terminologies", None)  # None if the module is disabled
+            self.logic = MeshNetLesionLogic(terminologyLogic=terminologies.logic() if terminologies else None)
+        self.logic.loadTerminology()  # again here: a module reload does not rerun startupCompleted
 
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
@@ -136,10 +139,10 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self):
-        if self._job is not None and not self._job.finished:
-            self._job.cancel()
         if self._timer is not None:
             self._timer.stop()
+        if self._job is not None:
+            self._job.close(timeout=JOB_CLOSE_TIMEOUT_S)  # cancels a running job, joins its thread, drops observers
         self.removeObservers()
         self.setParameterNode(None)
 
@@ -164,8 +167,8 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self):
         self.setParameterNode(MeshNetLesionParameterNode(self.logic.getParameterNode()))
         if not self._parameterNode.inputVolume:
-            volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if volume is not None and not volume.IsA("vtkMRMLLabelMapVolumeNode"):
+            volume = self.logic.defaultInputVolume()
+            if volume is not None:
                 self._parameterNode.inputVolume = volume
         if not self._parameterNode.modelId:
             self._parameterNode.modelId = self.logic.defaultModelId()
@@ -217,9 +220,10 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         current = self._parameterNode.modelId if self._parameterNode else None
         self.ui.modelComboBox.blockSignals(True)
         self.ui.modelComboBox.clear()
-        for entry in self.logic.models():
-            label = entry.title + (_(" (imported)") if entry.origin == "imported" else "")
-            self.ui.modelComboBox.addItem(label, entry.id)
+        default = self.logic.defaultModelId()
+        for index, entry in enumerate(self.logic.models()):
+            self.ui.modelComboBox.addItem(texts.modelLabel(entry, entry.id == default), entry.id)
+            self.ui.modelComboBox.setItemData(index, texts.modelToolTip(entry), qt.Qt.ToolTipRole)
         self.ui.modelComboBox.blockSignals(False)
         if current:
             self._selectData(self.ui.modelComboBox, current)
@@ -228,7 +232,9 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Disable devices this machine lacks, with the reason (needs PyTorch to tell)."""
         import importlib.util
 
-        self.ui.deviceComboBox.clear()
+        combo = self.ui.deviceComboBox
+        wasBlocked = combo.blockSignals(True)  # clear()/addItem() emit currentIndexChanged: not a user's choice
+        combo.clear()
         reasons = {}
         if importlib.util.find_spec("torch"):
             try:
@@ -237,14 +243,17 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 logging.warning("MeshNetLesion: could not query PyTorch devices: %s", error)
         for index, (value, label) in enumerate(self.DEVICES):
             reason = reasons.get(value)
-            self.ui.deviceComboBox.addItem(label if reason is None else f"{label} ({_('not available')})", value)
+            combo.addItem(label if reason is None else _("{device} (not available)").format(device=label), value)
             if reason:
-                item = self.ui.deviceComboBox.model().item(index)
+                item = combo.model().item(index)
                 item.setEnabled(False)
                 item.setToolTip(reason)
+        self._devicesKnown = bool(reasons)
         if not reasons:
-            self.ui.deviceComboBox.toolTip = _("PyTorch is installed on the first run; then unavailable "
-                                               "devices are disabled here.")
+            combo.toolTip = _("PyTorch is installed on the first run; then unavailable devices are disabled here.")
+        if self._parameterNode is not None:
+            self._selectData(combo, self._parameterNode.device)
+        combo.blockSignals(wasBlocked)
 
     def onModelChanged(self, index):
         if self._parameterNode is None or self._updatingGui or index < 0:
@@ -276,6 +285,10 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---------------------------------------------------------------- running
     def onApplyButton(self):
+        now = time.monotonic()
+        if now - self._lastApplyClick < APPLY_DEBOUNCE_S:  # a double-click must not start and cancel a run
+            return
+        self._lastApplyClick = now
         if self._job is not None and not self._job.finished:
             self._job.cancel()
             self.ui.statusLabel.text = _("Cancelling…")
@@ -284,7 +297,8 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
             if not ensureDependencies(askConfirmation=True):
                 return
-            self.populateDevices()
+            if not self._devicesKnown:  # PyTorch was just installed: now the devices can be told apart
+                self.populateDevices()
             parameters = self._parameterNode
             self._job = self.logic.segmentAsync(
                 parameters.inputVolume, parameters.outputSegmentation, modelId=parameters.modelId,
@@ -306,12 +320,12 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.stop()
             self.onJobFinished(job)
         else:
-            self.ui.statusLabel.text = f"{job.stage} — {job.elapsed:.0f} s"
-            time.sleep(WORKER_SLICE_S)  # hand the GIL to the worker thread (see POLL_INTERVAL_MS)
+            self.ui.statusLabel.text = texts.statusText(job.stage, job.elapsed)
+            time.sleep(WORKER_SLICE_S)  # hand the GIL to the job's relay thread (see job.POLL_INTERVAL_MS)
 
     def onProgress(self, fraction, stage):
         self.ui.progressBar.value = int(round(fraction * 100))
-        self.ui.statusLabel.text = f"{stage} — {self._job.elapsed:.0f} s" if self._job else stage
+        self.ui.statusLabel.text = texts.statusText(stage, self._job.elapsed if self._job else 0.0)
 
     def onJobFinished(self, job):
         self.ui.progressBar.setVisible(False)
@@ -326,12 +340,12 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Cancelled; nothing was added to the scene.")
         else:
             self.ui.statusLabel.text = _("Failed.")
-            from MeshNetLesionLib import MeshNetLesionError
-
-            error = job.error
-            detail = None if isinstance(error, MeshNetLesionError) else "".join(
-                traceback.format_exception(type(error), error, error.__traceback__))
-            slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=error), detailedText=detail)
+            message = _("Segmentation failed: {error}").format(error=job.error)
+            detail = errorDetails(job)
+            if detail:  # PythonQt would show details of None as the text "None"
+                slicer.util.errorDisplay(message, detailedText=detail)
+            else:
+                slicer.util.errorDisplay(message)
         self.updateGuiFromParameterNode()
 
     # ---------------------------------------------------------------- results
@@ -341,18 +355,8 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def showResults(self):
         node = self._parameterNode.outputSegmentation if self._parameterNode else None
-        summary = self.logic.lesionSummary(node)
-        if not summary.get("LesionVolumeMl"):
-            self.ui.resultLabel.text = _("No result yet.")
-            self.ui.editInSegmentEditorButton.enabled = bool(node)
-            return
-        text = _("Lesion: {volume} mL in {components} component(s) ({model}, {device}).").format(
-            volume=f"{float(summary['LesionVolumeMl']):.2f}", components=summary["LesionComponents"],
-            model=summary["Model"], device=summary["Device"])
-        if summary.get("BrainVolumeMl"):
-            text += " " + _("Brain mask: {volume} mL.").format(volume=summary["BrainVolumeMl"])
-        self.ui.resultLabel.text = text
-        self.ui.editInSegmentEditorButton.enabled = True
+        self.ui.resultLabel.text = texts.resultText(self.logic.lesionSummary(node))
+        self.ui.editInSegmentEditorButton.enabled = bool(node)
 
     def onEditInSegmentEditor(self):
         """Open Segment Editor with this segmentation and the input volume as source."""
@@ -387,10 +391,17 @@ class MeshNetLesionTest(ScriptedLoadableModuleTest):
     """Runs in Slicer, on the CPU: segment the ARC sample, cancel a run, re-run beside a user segment."""
 
     def setUp(self):
+        # ctest (slicer_add_python_unittest) runs the test_* methods without runTest: on a machine without
+        # PyTorch they are skipped with the reason instead of failing or installing behind anyone's back.
+        missing = dependenciesMissing()
+        if missing:
+            self.skipTest(f"MeshNetLesion needs {', '.join(missing)}; run the self-test from the module "
+                          "(Reload and Test) to install them")
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.assertTrue(ensureDependencies(askConfirmation=False), "dependencies could not be installed")
+        """Reload and Test: installs what is missing after the user agrees, then runs every test."""
+        self.assertTrue(ensureDependencies(askConfirmation=True), "dependencies are not installed")
         for test in (self.test_SegmentSample, self.test_CancelLeavesNoNodes, self.test_RerunKeepsUserSegment):
             self.setUp()
             test()

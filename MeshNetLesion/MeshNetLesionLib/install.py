@@ -31,6 +31,34 @@ def missingPackages() -> list[str]:
     return names
 
 
+def _install(missing: list[str], askConfirmation: bool) -> bool:
+    """Install ``missing``; False if the user declined. Raises what pip raises when it fails."""
+    try:
+        import slicer.packaging as packaging  # Slicer 5.12+
+    except ImportError:
+        packaging = None
+    if packaging is not None and not slicer.app.testingEnabled():
+        try:
+            packaging.pip_ensure(missing, prompt_install=askConfirmation, requester="MeshNetLesion")
+        except RuntimeError as error:
+            if "declined" in str(error):
+                return False
+            raise
+        return True
+    # Slicer 5.8/5.10, or a self-test (pip_ensure skips installs while testing)
+    if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+            _("MeshNet Lesion needs these Python packages: {packages}. Install them now?").format(
+                packages=", ".join(missing))):
+        return False
+    slicer.util.pip_install(" ".join(missing))
+    return True
+
+
+def dependenciesMissing() -> list[str]:
+    """What a run still needs (PyTorch first); empty when everything imports."""
+    return (["torch"] if importlib.util.find_spec("torch") is None else []) + missingPackages()
+
+
 def ensureDependencies(askConfirmation: bool = True) -> bool:
     """Install PyTorch (through the PyTorch extension) and the other packages, after asking.
 
@@ -43,26 +71,27 @@ def ensureDependencies(askConfirmation: bool = True) -> bool:
             slicer.util.errorDisplay(_("MeshNet Lesion needs the PyTorch extension. Install 'PyTorch' from the "
                                        "Extensions Manager and restart Slicer."))
             return False
-        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation) is None:
-            slicer.util.errorDisplay(_("PyTorch was not installed; MeshNet Lesion cannot run without it."))
+        try:
+            installed = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation)
+        except Exception as error:  # noqa: BLE001 - pip's failures vary
+            installed, reason = None, f" ({error})"
+        else:
+            reason = ""
+        if installed is None:
+            slicer.util.errorDisplay(_("PyTorch was not installed{reason}; MeshNet Lesion cannot run without it.")
+                                     .format(reason=reason))
             return False
     missing = missingPackages()
     if missing:
         try:
-            import slicer.packaging as packaging  # Slicer 5.12+
-        except ImportError:
-            packaging = None
-        if packaging is not None and not slicer.app.testingEnabled():
-            try:
-                packaging.pip_ensure(missing, requester="MeshNetLesion")
-            except RuntimeError:  # the user declined
+            if not _install(missing, askConfirmation):
                 return False
-        else:  # Slicer 5.8/5.10, or a self-test (pip_ensure skips installs while testing)
-            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                    _("MeshNet Lesion needs these Python packages: {packages}. Install them now?").format(
-                        packages=", ".join(missing))):
-                return False
-            slicer.util.pip_install(" ".join(missing))
+        except Exception as error:  # noqa: BLE001 - pip's failures vary (network, permissions, wheels)
+            slicer.util.errorDisplay(
+                _("Could not install {packages}: {error}\nCheck the network connection, or install them from "
+                  "the Python console with slicer.util.pip_install().").format(packages=", ".join(missing),
+                                                                            error=error))
+            return False
     still = missingPackages()
     if still:
         slicer.util.errorDisplay(_("Could not install: {packages}").format(packages=", ".join(still)))

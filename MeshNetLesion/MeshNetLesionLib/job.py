@@ -1,26 +1,43 @@
-"""One segmentation run on a worker thread, applied to the scene on the main thread.
+"""One segmentation run in a child process, applied to the scene on the main thread.
 
-The worker touches only numpy and torch (the core). Progress, the result or the error come back
-through a queue; :meth:`SegmentationJob.poll` (main thread) applies them and, on success, creates
-the nodes, so a failed or cancelled run leaves the scene as it was. Closing the scene or removing
-the input or output node cancels the run.
+The network runs in a child Python (:mod:`meshnet_lesion.worker`; Slicer's ``PythonSlicer`` inside Slicer):
+Slicer's main thread holds the GIL while its event loop idles, so a network on a thread inside
+Slicer ran only in the slices the panel's timer handed over (``benchmarks/slicer_gil.py`` measures
+both); a child process runs at the command line's speed, stops at once on Cancel and takes an
+out-of-memory crash with it instead of Slicer. A light thread here writes the request, starts the
+child and relays its progress through a queue; :meth:`SegmentationJob.poll` (main thread) applies
+them and, on success, creates the nodes, so a failed or cancelled run leaves the scene as it was.
+Closing the scene or removing the input or output node cancels the run.
 """
 from __future__ import annotations
 
+import os
 import queue
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import vtk
 
-from meshnet_lesion.errors import Cancelled
 from meshnet_lesion.progress import Progress, ProgressCallback
 
 from . import mrml
 
 _WRITE_SHARE = 0.04  # progress share of creating the nodes at the end
+# The panel polls a job every POLL_INTERVAL_MS and then sleeps WORKER_SLICE_S. Slicer's main thread
+# holds the GIL while idle in the Qt event loop, so the job's relay thread runs Python code only while
+# the main thread sleeps here; the child process runs regardless.
+POLL_INTERVAL_MS = 50
+WORKER_SLICE_S = 0.01
+_LOG_LINES = 40        # the child's last log lines, kept for an error's details
+_STOP_GRACE_S = 1.0    # after terminate(), how long a child gets before kill()
 
 
 @dataclass(frozen=True)
@@ -35,17 +52,33 @@ class RunOptions:
     outputProbability: bool = False
 
 
+@dataclass(frozen=True)
+class Launch:
+    """How to start the child: the Python to run it with, and the registry it should use."""
+
+    python: str
+    registry: dict[str, str | None] = field(default_factory=dict)
+
+    @staticmethod
+    def python_executable() -> str:
+        """Slicer's own launcher (PythonSlicer) inside the application, this interpreter elsewhere.
+
+        As ``slicer.util._executePythonModule`` does it (Slicer 5.8 to 5.12)."""
+        import slicer
+
+        if hasattr(slicer, "app"):
+            found = shutil.which("PythonSlicer")
+            if found:
+                return found
+        return sys.executable
+
+
 class SegmentationJob:
-    """One run; the main thread calls :meth:`poll` until it returns True.
+    """One run; the main thread calls :meth:`poll` until it returns True."""
 
-    ``segmenter(options, downloadProgress)`` gives the core's Segmenter for the options; it is
-    called on the worker thread (it may load weights or download them).
-    """
-
-    def __init__(self, scene, segmenter: Callable[..., Any], inputVolumeNode, outputSegmentationNode,
-                 options: RunOptions) -> None:
+    def __init__(self, scene, launch: Launch, inputVolumeNode, outputSegmentationNode, options: RunOptions) -> None:
         self.scene = scene
-        self._segmenter = segmenter
+        self.launch = launch
         self.inputVolumeNode = inputVolumeNode
         self.outputSegmentationNode = outputSegmentationNode
         self.options = options
@@ -53,12 +86,16 @@ class SegmentationJob:
         self.segmentationNode = None
         self.result = None                # the core's SegmentationResult
         self.error: BaseException | None = None
+        self.errorDetail: str | None = None   # the child's traceback or last log lines, for a dialog's details
         self.warnings: list[str] = []
         self.startTime = time.monotonic()
         self.elapsed = 0.0
         self._progress = Progress(self._notify)
         self._progress.stage = "starting"
         self._cancel = threading.Event()
+        self._process: subprocess.Popen | None = None
+        self._processLock = threading.Lock()
+        self._log: deque[str] = deque(maxlen=_LOG_LINES)
         self._messages: queue.Queue = queue.Queue()
         self._callbacks: list[ProgressCallback] = []
         self.volume = mrml.volumeFromNode(inputVolumeNode, self.warnings)   # copy, on the main thread
@@ -76,26 +113,55 @@ class SegmentationJob:
     def stage(self) -> str:
         return self._progress.stage
 
-    # ---------------------------------------------------------------- worker thread
+    # ---------------------------------------------------------------- relay thread
     def _work(self) -> None:
         try:
-            segmenter = self._segmenter(self.options, self._post_download)
-            if self._cancel.is_set():
-                raise Cancelled("segmentation was cancelled")
-            result = segmenter.segment(self.volume, probabilities=self.options.outputProbability,
-                                       progress=self._post_progress, cancel=self._cancel)
-            self._messages.put(("result", result))
-        except Cancelled:
-            self._messages.put(("cancelled", None))
+            with tempfile.TemporaryDirectory(prefix="meshnet-lesion-") as folder:
+                self._messages.put(self._run(Path(folder)))
         except BaseException as error:  # noqa: BLE001 - every failure is reported to the main thread
-            self._messages.put(("error", error))
+            self._messages.put(("cancelled", None) if self._cancel.is_set() else ("error", (error, None)))
 
-    def _post_progress(self, fraction: float, stage: str) -> None:
-        self._messages.put(("progress", (fraction * (1 - _WRITE_SHARE), stage)))
+    def _run(self, folder: Path) -> tuple[str, Any]:
+        from meshnet_lesion import worker
 
-    def _post_download(self, done: int, total: int, name: str) -> None:
-        text = f"downloading {name}" + (f" ({done / max(total, 1):.0%})" if total else "")
-        self._messages.put(("progress", (0.0, text)))
+        options = self.options
+        worker.write_request(folder, self.volume, {
+            "model": options.modelId, "device": options.device, "precision": options.precision,
+            "brain_mask": options.brainMask, "min_lesion_ml": options.minimumLesionMl,
+            "probabilities": options.outputProbability, "registry": self.launch.registry})
+        self.volume = None  # the child has its copy
+        package_root = str(Path(worker.__file__).resolve().parent.parent)
+        with self._processLock:
+            if self._cancel.is_set():
+                return "cancelled", None
+            self._process = subprocess.Popen(
+                worker.command(self.launch.python, folder, package_root), stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace",
+                **_hiddenConsole())
+        failure = None
+        for line in self._process.stdout:
+            message = worker.parse_line(line)
+            if message is None:
+                self._log.append(line.rstrip())
+            elif message[0] == "progress":
+                fraction, stage = message[1]
+                self._messages.put(("progress", (fraction * (1 - _WRITE_SHARE), stage)))
+            elif message[0] == "download":
+                done, total, name = message[1]
+                text = f"downloading {name}" + (f" ({done / max(total, 1):.0%})" if total else "")
+                self._messages.put(("progress", (0.0, text)))
+            elif message[0] == "error":
+                failure = message[1]
+        code = self._process.wait()
+        if self._cancel.is_set():
+            return "cancelled", None
+        if failure is not None:
+            return "error", (worker.error_from(failure), failure.get("detail"))
+        if code != 0:
+            hint = " (it was killed: out of memory?)" if code < 0 or code == 137 else ""
+            return "error", (RuntimeError(f"the segmentation process ended with exit code {code}{hint}"),
+                             "\n".join(self._log) or None)
+        return "result", worker.read_result(folder)
 
     # ---------------------------------------------------------------- main thread
     def addProgressCallback(self, callback: ProgressCallback) -> None:
@@ -106,15 +172,20 @@ class SegmentationJob:
             callback(fraction, stage)
 
     def cancel(self) -> None:
-        """Ask the run to stop; it stops at the next layer or slab (well under 2 s on a CPU)."""
+        """Stop the run: the child process is terminated (killed if it has not gone within a second)."""
         self._cancel.set()
+        with self._processLock:
+            process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            threading.Thread(target=_killLater, args=(process,), daemon=True).start()
 
     @property
     def finished(self) -> bool:
         return self.state != "running"
 
     def poll(self) -> bool:
-        """Apply what the worker posted. Returns True once the job has finished (any state)."""
+        """Apply what the relay thread posted. Returns True once the job has finished (any state)."""
         if self.finished:
             return True
         self.elapsed = time.monotonic() - self.startTime
@@ -132,7 +203,7 @@ class SegmentationJob:
                 self._finish("cancelled")
                 return True
             else:
-                self.error = payload
+                self.error, self.errorDetail = payload
                 self._finish("failed")
                 return True
 
@@ -144,6 +215,16 @@ class SegmentationJob:
                 raise TimeoutError("segmentation did not finish in time")
             time.sleep(interval)
         return self
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel if running, wait for the relay thread (at most ``timeout``) and drop the scene observers."""
+        if not self.finished:
+            self.cancel()
+            deadline = time.monotonic() + timeout
+            while not self.poll() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        self._removeObservers()
+        self._thread.join(timeout=max(0.0, timeout))
 
     def _complete(self, result) -> None:
         if self._cancel.is_set():
@@ -166,10 +247,13 @@ class SegmentationJob:
     def _finish(self, state: str) -> None:
         self.state = state
         self.elapsed = time.monotonic() - self.startTime
+        self._removeObservers()
+        self._thread.join(timeout=5)
+
+    def _removeObservers(self) -> None:
         for target, tag in self._observations:
             target.RemoveObserver(tag)
         self._observations.clear()
-        self._thread.join(timeout=5)
 
     def _observe(self, target, event: int, method) -> None:
         self._observations.append((target, target.AddObserver(event, method)))
@@ -181,3 +265,20 @@ class SegmentationJob:
     def _onNodeRemoved(self, caller, event, node) -> None:
         if node is not None and node in (self.inputVolumeNode, self.outputSegmentationNode):
             self.cancel()
+
+
+def _killLater(process: subprocess.Popen) -> None:
+    try:
+        process.wait(timeout=_STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def _hiddenConsole() -> dict[str, Any]:
+    """No console window for the child on Windows (as slicer.util.launchConsoleProcess)."""
+    if os.name != "nt":
+        return {}
+    info = subprocess.STARTUPINFO()
+    info.dwFlags = subprocess.STARTF_USESHOWWINDOW
+    info.wShowWindow = 0
+    return {"startupinfo": info}

@@ -8,7 +8,7 @@ Everything torch-dependent is imported when a run starts, so the panel loads bef
 from __future__ import annotations
 
 import html
-import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import slicer
 from meshnet_lesion.errors import Cancelled, InputError
 
 from . import mrml
-from .job import RunOptions, SegmentationJob
+from .job import Launch, RunOptions, SegmentationJob
 
 try:
     from slicer.i18n import tr as _
@@ -36,8 +36,6 @@ class MeshNetLesionLogic:
         self._scene = scene
         self._registry = registry
         self.terminologyLogic = terminologyLogic
-        self._segmenters: dict[RunOptions, Any] = {}
-        self._segmenterLock = threading.Lock()
         self.job: SegmentationJob | None = None
 
     @property
@@ -65,6 +63,13 @@ class MeshNetLesionLogic:
             node.SetAttribute("ModuleName", MODULE_NAME)
         return node
 
+    def defaultInputVolume(self):
+        """The most recently added scalar volume that is a scan, not a label map or one of our outputs."""
+        nodes = self.scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+        candidates = [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+        candidates = [node for node in candidates if mrml.isInputCandidate(node)]
+        return candidates[-1] if candidates else None
+
     def models(self) -> list:
         """Lesion models first (the default on top), then the others."""
         entries = self.registry.entries("model")
@@ -81,7 +86,8 @@ class MeshNetLesionLogic:
     def modelCard(self, modelId: str) -> dict[str, Any]:
         entry = self.registry.get(modelId)
         return {"id": entry.id, "title": entry.title, "origin": entry.origin,
-                "available": self.registry.is_available(entry), "download_mb": self.registry.download_size(entry) / 1e6,
+                "available": self.registry.is_available(entry), "damaged": self.registry.damaged_files(entry),
+                "download_mb": self.registry.download_size(entry) / 1e6, "default": entry.id == self.defaultModelId(),
                 **entry.card}
 
     def sampleFile(self):
@@ -93,7 +99,6 @@ class MeshNetLesionLogic:
 
     def clearDownloadedModels(self) -> None:
         self.registry.clear_cache()
-        self._segmenters.clear()
 
     @staticmethod
     def deviceChoices() -> dict[str, str | None]:
@@ -102,19 +107,9 @@ class MeshNetLesionLogic:
 
         return available_devices()
 
-    def segmenter(self, options: RunOptions, downloadProgress=None):
-        """A cached :class:`~meshnet_lesion.pipeline.Segmenter` for these options (loading weights, downloading if needed)."""
-        from meshnet_lesion.pipeline import Segmenter
-
-        key = RunOptions(options.modelId, options.device, options.precision, options.brainMask,
-                         options.minimumLesionMl)  # the probability output does not change the segmenter
-        with self._segmenterLock:
-            if key not in self._segmenters:
-                self._segmenters[key] = Segmenter(
-                    options.modelId, registry=self.registry, device=options.device, precision=options.precision,
-                    brain_mask=options.brainMask, min_lesion_ml=options.minimumLesionMl,
-                    download_progress=downloadProgress)
-            return self._segmenters[key]
+    def launch(self) -> Launch:
+        """How the job starts its child process: which Python, and this logic's registry."""
+        return Launch(Launch.python_executable(), self.registry.settings())
 
     # ---------------------------------------------------------------- running
     def segmentAsync(self, inputVolumeNode, outputSegmentationNode=None, modelId: str | None = None,
@@ -127,7 +122,7 @@ class MeshNetLesionLogic:
                              bool(outputProbability))
         if outputSegmentationNode is not None and not outputSegmentationNode.IsA("vtkMRMLSegmentationNode"):
             raise InputError("the output must be a segmentation node")
-        self.job = SegmentationJob(self.scene, self.segmenter, inputVolumeNode, outputSegmentationNode, options)
+        self.job = SegmentationJob(self.scene, self.launch(), inputVolumeNode, outputSegmentationNode, options)
         return self.job
 
     def segment(self, inputVolumeNode, outputSegmentationNode=None, modelId: str | None = None,
@@ -157,6 +152,18 @@ class MeshNetLesionLogic:
         return mrml.lesionSummary(segmentationNode)
 
 
+def errorDetails(job: SegmentationJob) -> str | None:
+    """What a failure dialog shows under "Details": nothing for an expected error (bad input, a missing
+    model), the child's traceback or last log lines otherwise."""
+    from meshnet_lesion.errors import MeshNetLesionError
+
+    if job.error is None or isinstance(job.error, MeshNetLesionError):
+        return None
+    if job.errorDetail:
+        return job.errorDetail
+    return "".join(traceback.format_exception(type(job.error), job.error, job.error.__traceback__)) or None
+
+
 def modelCardHtml(card: dict[str, Any]) -> str:
     """The model card (:meth:`MeshNetLesionLogic.modelCard`) as the HTML the panel shows."""
     def figures(key: str) -> str:
@@ -165,11 +172,16 @@ def modelCardHtml(card: dict[str, Any]) -> str:
     metricText = figures("metrics") or card.get("metrics_note", _("none published"))
     state = (_("on this computer") if card["available"] else
              _("downloads {size:.1f} MB on first use").format(size=card["download_mb"]))
-    rows = [(_("Task"), card.get("task", "")), (_("Input"), card.get("input", "")),
+    if card.get("damaged"):  # never deleted behind the user's back: Apply downloads a verified copy over it
+        state = _("the downloaded copy of {files} is damaged (SHA-256 mismatch); Apply downloads it again "
+                  "({size:.1f} MB), or use 'Clear downloaded models'").format(
+            files=", ".join(card["damaged"]), size=card["download_mb"])
+    rows = [(_("Default model"), card.get("default_reason", _("yes")) if card.get("default") else ""),
+            (_("Task"), card.get("task", "")), (_("Input"), card.get("input", "")),
             (_("Input convention"), card.get("input_convention", "")),
             (_("Trained on"), card.get("training_data", "")), (_("Known metrics"), metricText),
             (_("Measured by this project"), figures("measured")),
-            (_("Licence"), card.get("license", "")), (_("Files"), state)]
+            (_("License"), card.get("license", "")), (_("Files"), state)]
     text = "".join(f"<b>{name}:</b> {html.escape(str(value))}<br>" for name, value in rows if value)
     if card.get("source"):
         text += f'<a href="{card["source"]}">{html.escape(card["source"])}</a>'

@@ -19,13 +19,16 @@ LESION_SEGMENT_NAME = "Lesion"
 LESION_COLOR = (0.9, 0.1, 0.1)
 SEGMENT_TAG = "MeshNetLesion.Model"             # marks the segment this module owns (value: model id)
 PROBABILITY_REFERENCE = "MeshNetLesion.Probability"
+OUTPUT_ATTRIBUTE = "MeshNetLesion.Output"       # on volumes this module wrote ("probability"): never an input
+OUTPUT_CLASS_ATTRIBUTE = "MeshNetLesion.Class"  # the segment a probability volume belongs to
 TERMINOLOGY_FILE = Path(__file__).resolve().parent.parent / "Resources" / "MeshNetLesion.term.json"
 TERMINOLOGY_CONTEXT = "Segmentation category and type - MeshNetLesion"
 # SNOMED CT: category 49755003 "Morphologically altered structure", type 55641003 "Infarct",
 # region 12738006 "Brain". Slicer's default lists have no infarct type, hence our own context.
 LESION_TERMINOLOGY = (f"{TERMINOLOGY_CONTEXT}~SCT^49755003^Morphologically Altered Structure"
                       "~SCT^55641003^Infarct~^^~Anatomic codes - DICOM master list~SCT^12738006^Brain~^^")
-SUMMARY_KEYS = ("Model", "LesionVolumeMl", "LesionComponents", "BrainVolumeMl", "Device")
+SUMMARY_KEYS = ("Model", "LesionVolumeMl", "LesionComponents", "LargestLesionMl", "LargestLesionHemisphere",
+                "Classes", "BrainVolumeMl", "Device")
 
 
 def volumeFromNode(volumeNode, warnings: list[str] | None = None) -> Volume:
@@ -34,6 +37,9 @@ def volumeFromNode(volumeNode, warnings: list[str] | None = None) -> Volume:
         raise InputError("select a scalar volume as input")
     if volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
         raise InputError(f"'{volumeNode.GetName()}' is a label map, not an MRI scan")
+    if volumeNode.GetAttribute(OUTPUT_ATTRIBUTE):
+        raise InputError(f"'{volumeNode.GetName()}' is a {volumeNode.GetAttribute(OUTPUT_ATTRIBUTE)} map "
+                         "written by MeshNet Lesion, not an MRI scan")
     image = volumeNode.GetImageData()
     if image is None or image.GetNumberOfPoints() == 0:
         raise InputError(f"'{volumeNode.GetName()}' has no voxels")
@@ -55,11 +61,23 @@ def volumeFromNode(volumeNode, warnings: list[str] | None = None) -> Volume:
     return Volume.from_kji(array, affine)
 
 
+def segmentNames(result) -> list[str]:
+    """The segments a result becomes, for label values 1..N: "Lesion", or one per class of other models."""
+    if result.is_lesion_model:
+        return [LESION_SEGMENT_NAME]
+    return [c.name[:1].upper() + c.name[1:] for c in result.classes[1:]]
+
+
 def writeResult(scene, inputVolumeNode, outputSegmentationNode, result, modelId: str,
                 outputProbability: bool):
-    """Create or update the segmentation (and probability volume). All or nothing."""
+    """Create or update the segmentation (and probability volumes). All or nothing.
+
+    A lesion model gives one "Lesion" segment (SNOMED CT Infarct); other models one segment per
+    class, named and coloured from the model's classes. Segments from an earlier run of this module
+    are replaced in place; the user's own segments stay."""
     created: list = []
-    new_segment_id = None
+    new_ids: list[str] = []
+    previous: list[str] = []
     segmentation_node = outputSegmentationNode
     geometry_name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
     geometry_role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
@@ -69,8 +87,9 @@ def writeResult(scene, inputVolumeNode, outputSegmentationNode, result, modelId:
                           segmentation_node.GetNodeReferenceID(geometry_role))
     try:
         if segmentation_node is None:
+            suffix = "lesion" if result.is_lesion_model else modelId
             segmentation_node = scene.AddNewNodeByClass(
-                "vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{inputVolumeNode.GetName()} lesion"))
+                "vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{inputVolumeNode.GetName()} {suffix}"))
             created.append(segmentation_node)
             segmentation_node.CreateDefaultDisplayNodes()
             segmentation_node.SetAndObserveTransformNodeID(inputVolumeNode.GetTransformNodeID())
@@ -83,41 +102,47 @@ def writeResult(scene, inputVolumeNode, outputSegmentationNode, result, modelId:
             segmentation_node.SetSourceRepresentationToBinaryLabelmap()
         previous = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())
                     if segmentation.GetNthSegment(i).HasTag(SEGMENT_TAG)]
-        new_segment_id = (LESION_SEGMENT_NAME if segmentation.GetSegment(LESION_SEGMENT_NAME) is None
-                          else segmentation.GenerateUniqueSegmentID(LESION_SEGMENT_NAME))
-        ids = vtk.vtkStringArray()
-        ids.InsertNextValue(new_segment_id)
-        labelmap = _orientedImage(result.labels, inputVolumeNode)
+        names = segmentNames(result)
+        ids = vtk.vtkStringArray()   # label value n + 1 goes to ids[n]
+        for name in names:
+            segment_id = name if segmentation.GetSegment(name) is None and name not in new_ids \
+                else segmentation.GenerateUniqueSegmentID(name)
+            new_ids.append(segment_id)
+            ids.InsertNextValue(segment_id)
+        labelmap = _orientedImage(result.labels, inputVolumeNode, result.summarize()["label_box"])
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
                 labelmap, segmentation_node, ids, None):
-            raise MeshNetLesionError("Slicer could not import the lesion label map into the segmentation")
-        segment = segmentation.GetSegment(new_segment_id)
-        segment.SetName(LESION_SEGMENT_NAME)
-        segment.SetColor(*LESION_COLOR)
-        segment.SetNameAutoGenerated(False)
-        segment.SetColorAutoGenerated(False)
-        segment.SetTag(segment.GetTerminologyEntryTagName(), LESION_TERMINOLOGY)
-        segment.SetTag(SEGMENT_TAG, modelId)
+            raise MeshNetLesionError("Slicer could not import the label map into the segmentation")
+        colors = [LESION_COLOR] if result.is_lesion_model else [
+            tuple(channel / 255 for channel in c.color) for c in result.classes[1:]]
+        for segment_id, name, color in zip(new_ids, names, colors):
+            segment = segmentation.GetSegment(segment_id)
+            segment.SetName(name)
+            segment.SetColor(*color)
+            segment.SetNameAutoGenerated(False)
+            segment.SetColorAutoGenerated(False)
+            if result.is_lesion_model:
+                segment.SetTag(segment.GetTerminologyEntryTagName(), LESION_TERMINOLOGY)
+            segment.SetTag(SEGMENT_TAG, modelId)
         if previous:
             index = segmentation.GetSegmentIndex(previous[0])
             for segment_id in previous:
                 segmentation.RemoveSegment(segment_id)
-            segmentation.SetSegmentIndex(new_segment_id, index)
+            for offset, segment_id in enumerate(new_ids):
+                segmentation.SetSegmentIndex(segment_id, index + offset)
+        probability_nodes = []
         if outputProbability:
-            _writeProbability(scene, inputVolumeNode, segmentation_node, result.probabilities, created)
-        _placeInStudy(scene, inputVolumeNode, [segmentation_node, segmentation_node.GetNodeReference(
-            PROBABILITY_REFERENCE) if outputProbability else None])
-        for key, value in (("Model", modelId), ("LesionVolumeMl", f"{result.lesion_volume_ml:.3f}"),
-                           ("LesionComponents", str(result.lesion_components)),
-                           ("BrainVolumeMl", "" if result.brain is None else f"{result.brain_volume_ml:.1f}"),
-                           ("Device", result.device)):
+            probability_nodes = _writeProbabilities(scene, inputVolumeNode, segmentation_node, result, names, created)
+        _placeInStudy(scene, inputVolumeNode, [segmentation_node, *probability_nodes])
+        for key, value in summaryAttributes(result, modelId).items():
             segmentation_node.SetAttribute(f"MeshNetLesion.{key}", value)
         return segmentation_node
     except BaseException:
         if saved_geometry is not None:  # the user's segmentation goes back to how it was
             segmentation = segmentation_node.GetSegmentation()
-            if new_segment_id and segmentation.GetSegment(new_segment_id) is not None:
-                segmentation.RemoveSegment(new_segment_id)
+            for segment_id in new_ids:
+                if segmentation.GetSegment(segment_id) is not None and segment_id not in previous:
+                    segmentation.RemoveSegment(segment_id)
             segmentation.SetConversionParameter(geometry_name, saved_geometry[0])
             segmentation_node.SetNodeReferenceID(geometry_role, saved_geometry[1])
         for node in reversed(created):
@@ -127,37 +152,70 @@ def writeResult(scene, inputVolumeNode, outputSegmentationNode, result, modelId:
         raise
 
 
-def _orientedImage(labels_ijk: np.ndarray, volumeNode):
-    image = slicer.vtkOrientedImageData()
-    image.SetDimensions(*labels_ijk.shape)
-    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+def summaryAttributes(result, modelId: str) -> dict[str, str]:
+    """What the panel shows after a run, stored on the segmentation node (see :data:`SUMMARY_KEYS`)."""
+    summary = result.summarize()
+    largest = summary["largest_lesion"]
+    classes = "" if result.is_lesion_model else "; ".join(
+        f"{name} {volume:.1f} mL" for name, volume in zip(segmentNames(result), summary["class_volumes_ml"].values()))
+    return {"Model": modelId,
+            "LesionVolumeMl": "" if summary["lesion_volume_ml"] is None else f"{summary['lesion_volume_ml']:.3f}",
+            "LesionComponents": "" if summary["lesion_components"] is None else str(summary["lesion_components"]),
+            "LargestLesionMl": "" if largest is None else f"{largest['volume_ml']:.3f}",
+            "LargestLesionHemisphere": "" if largest is None else largest["hemisphere"],
+            "Classes": classes,
+            "BrainVolumeMl": "" if summary["brain_volume_ml"] is None else f"{summary['brain_volume_ml']:.1f}",
+            "Device": result.device}
+
+
+def _orientedImage(labels_ijk: np.ndarray, volumeNode, box: list[list[int]] | None):
+    """The labels inside ``box`` (start, stop per axis) as an image on the volume's grid: only the labels'
+    bounding box is copied and imported, which keeps Slicer's main thread free (a lesion is small)."""
     from vtkmodules.util.numpy_support import vtk_to_numpy
 
-    vtk_to_numpy(image.GetPointData().GetScalars())[:] = np.asarray(labels_ijk, np.uint8).ravel(order="F")
+    box = box or [[0, 1]] * 3    # no labels: one background voxel
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(box[0][0], box[0][1] - 1, box[1][0], box[1][1] - 1, box[2][0], box[2][1] - 1)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    inside = labels_ijk[tuple(slice(start, stop) for start, stop in box)]
+    vtk_to_numpy(image.GetPointData().GetScalars())[:] = np.asarray(inside, np.uint8).ravel(order="F")
     matrix = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(matrix)
     image.SetImageToWorldMatrix(matrix)
     return image
 
 
-def _writeProbability(scene, inputVolumeNode, segmentationNode, probability_ijk: np.ndarray, created: list) -> None:
-    node = segmentationNode.GetNodeReference(PROBABILITY_REFERENCE)
-    if node is None:
-        node = scene.AddNewNodeByClass(
-            "vtkMRMLScalarVolumeNode",
-            scene.GenerateUniqueName(f"{inputVolumeNode.GetName()} lesion probability"))
-        created.append(node)
-        node.CreateDefaultDisplayNodes()
-        segmentationNode.SetNodeReferenceID(PROBABILITY_REFERENCE, node.GetID())
+def _writeProbabilities(scene, inputVolumeNode, segmentationNode, result, names: list[str], created: list) -> list:
+    """One probability volume per segment (the lesion's, or each class's), reused by a re-run."""
+    maps = [result.probabilities] if result.is_lesion_model else list(result.probabilities[1:])
+    existing = {}
+    for index in range(segmentationNode.GetNumberOfNodeReferences(PROBABILITY_REFERENCE)):
+        node = segmentationNode.GetNthNodeReference(PROBABILITY_REFERENCE, index)
+        if node is not None:
+            existing[node.GetAttribute(OUTPUT_CLASS_ATTRIBUTE)] = node
+    nodes = []
     matrix = vtk.vtkMatrix4x4()
     inputVolumeNode.GetIJKToRASMatrix(matrix)
-    node.SetIJKToRASMatrix(matrix)
-    node.SetAndObserveTransformNodeID(inputVolumeNode.GetTransformNodeID())
-    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(probability_ijk.transpose(2, 1, 0), np.float32))
-    display = node.GetDisplayNode()
-    if display is not None:
-        display.AutoWindowLevelOff()
-        display.SetWindowLevelMinMax(0.0, 1.0)
+    for name, probability_ijk in zip(names, maps):
+        node = existing.get(name)
+        if node is None:
+            node = scene.AddNewNodeByClass(
+                "vtkMRMLScalarVolumeNode",
+                scene.GenerateUniqueName(f"{inputVolumeNode.GetName()} {name.lower()} probability"))
+            created.append(node)
+            node.CreateDefaultDisplayNodes()
+            node.SetAttribute(OUTPUT_ATTRIBUTE, "probability")
+            node.SetAttribute(OUTPUT_CLASS_ATTRIBUTE, name)
+            segmentationNode.AddNodeReferenceID(PROBABILITY_REFERENCE, node.GetID())
+        node.SetIJKToRASMatrix(matrix)
+        node.SetAndObserveTransformNodeID(inputVolumeNode.GetTransformNodeID())
+        slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(probability_ijk.transpose(2, 1, 0), np.float32))
+        display = node.GetDisplayNode()
+        if display is not None:
+            display.AutoWindowLevelOff()
+            display.SetWindowLevelMinMax(0.0, 1.0)
+        nodes.append(node)
+    return nodes
 
 
 def _placeInStudy(scene, inputVolumeNode, nodes: list) -> None:
@@ -189,6 +247,12 @@ def loadTerminology(terminologyLogic) -> str:
     if not name:
         logging.warning("MeshNetLesion: could not load %s", TERMINOLOGY_FILE)
     return name
+
+
+def isInputCandidate(node) -> bool:
+    """A scalar volume a user may segment: not a label map, not one of this module's outputs."""
+    return (node is not None and node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode")
+            and not node.GetAttribute(OUTPUT_ATTRIBUTE))
 
 
 def lesionSummary(segmentationNode) -> dict[str, str]:

@@ -20,7 +20,7 @@ from .volume import Volume, load_volume, save_volume
 # torch-dependent parts load on first use, so `import meshnet_lesion` stays cheap (Slicer imports
 # the module at startup, before PyTorch may even be installed).
 _LAZY = {"build_meshnet": "model", "MeshNet": "model", "load_model_files": "formats", "Segmenter": "pipeline",
-         "SegmentationResult": "pipeline", "segment": "pipeline", "Registry": "registry"}
+         "SegmentationResult": "result", "segment": "pipeline", "Registry": "registry"}
 
 
 def __getattr__(name: str):

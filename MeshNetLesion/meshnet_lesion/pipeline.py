@@ -10,98 +10,28 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
+import torch
 
 from ._version import __version__
 from .conform import SHAPE, Conformed, between_grids, conform, reorient, to_source, zoom_to_grid
 from .engine import Engine, EngineOutput, memory_estimate
 from .errors import InputError, ModelError, ResourceError
-from .postprocess import brain_region, component_sizes, labels_to_source, lesion_to_source
+from .postprocess import brain_region, labels_to_source, lesion_to_source
 from .preprocess import CROP_MARGIN, head_box, normalize, standardize
 from .progress import CancelToken, Progress, ProgressCallback
 from .registry import DownloadProgress, Entry, Registry
-from .spec import ClassSpec, InputSpec, ModelSpec
+from .result import SegmentationResult
+from .spec import InputSpec, ModelSpec
 from .volume import Volume, validate
 
 BRAIN_MODEL_ID = "brainchop-mindgrab"
 # Progress shares of conforming at the start and of going back to the source grid at the end.
 _CONFORM_SHARE, _FINISH_SHARE = 0.04, 0.06
-
-
-@dataclass
-class SegmentationResult:
-    """Labels (and optional probabilities) on the source grid, with what is needed for a report.
-
-    ``labels`` is (i, j, k) like the input; ``probabilities`` is the lesion probability (i, j, k)
-    for lesion models, or (classes, i, j, k) for other models, when asked for.
-    """
-
-    labels: np.ndarray
-    affine: np.ndarray
-    probabilities: np.ndarray | None
-    model_id: str
-    task: str
-    classes: tuple[ClassSpec, ...]
-    device: str
-    precision: str
-    brain_mask: bool
-    min_lesion_ml: float
-    timings_s: dict[str, float]
-    warnings: list[str] = field(default_factory=list)
-    brain: np.ndarray | None = None  # the brain mask (restriction, standardisation), on the source grid
-    standardized: bool = False       # brain intensities were mapped onto the model's landmarks
-
-    @property
-    def voxel_volume_ml(self) -> float:
-        return abs(float(np.linalg.det(self.affine[:3, :3]))) / 1000.0
-
-    @property
-    def is_lesion_model(self) -> bool:
-        return self.task == "lesion"
-
-    @property
-    def lesion_volume_ml(self) -> float | None:
-        if not self.is_lesion_model:
-            return None
-        return float(np.count_nonzero(self.labels == 1)) * self.voxel_volume_ml
-
-    @property
-    def brain_volume_ml(self) -> float | None:
-        return None if self.brain is None else float(np.count_nonzero(self.brain)) * self.voxel_volume_ml
-
-    @property
-    def lesion_components(self) -> int | None:
-        return len(component_sizes(self.labels == 1)) if self.is_lesion_model else None
-
-    def class_volumes_ml(self) -> dict[str, float]:
-        counts = np.bincount(self.labels.ravel().astype(np.int64), minlength=len(self.classes))
-        return {c.name: float(counts[i]) * self.voxel_volume_ml for i, c in enumerate(self.classes) if i > 0}
-
-    def report(self, **extra: Any) -> dict[str, Any]:
-        import torch
-
-        return {
-            "model": self.model_id,
-            "task": self.task,
-            "lesion_volume_ml": None if self.lesion_volume_ml is None else round(self.lesion_volume_ml, 3),
-            "lesion_components": self.lesion_components,
-            "class_volumes_ml": {k: round(v, 3) for k, v in self.class_volumes_ml().items()},
-            "brain_mask": self.brain_mask,
-            "brain_volume_ml": None if self.brain is None else round(self.brain_volume_ml, 3),
-            "standardized": self.standardized,
-            "min_lesion_ml": self.min_lesion_ml,
-            "device": self.device,
-            "precision": self.precision,
-            "shape": list(self.labels.shape),
-            "voxel_volume_ml": self.voxel_volume_ml,
-            "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
-            "warnings": self.warnings,
-            "software": {"meshnet_lesion": __version__, "torch": torch.__version__},
-            **extra,
-        }
 
 
 @dataclass
@@ -225,7 +155,13 @@ class Segmenter:
         stages.report(1.0, "done")
         return SegmentationResult(labels, volume.affine.copy(), probs, self.entry.id, self.task, self.spec.classes,
                                   outputs[0].device, outputs[0].precision, self.restrict, self.min_lesion_ml,
-                                  timings, list(dict.fromkeys(warnings)), source_brain, standardized)
+                                  timings, list(dict.fromkeys(warnings)), source_brain, standardized,
+                                  model_version=str(self.entry.card.get("version", "")),
+                                  model_files={f.name: f.sha256 for member in self.registry.members(self.entry)
+                                               for f in member.files},
+                                  brain_model=BRAIN_MODEL_ID if self.brain_engine is not None else None,
+                                  software={"meshnet_lesion": __version__, "torch": torch.__version__},
+                                  created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def model_input(self, volume: Volume) -> ModelInput:
         """What the network sees for ``volume`` before standardisation: its grid, the brain mask on it (if

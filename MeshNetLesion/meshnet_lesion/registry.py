@@ -105,6 +105,12 @@ class Registry:
         self._mirror_index: dict[str, list[Path]] | None = None
         self._hash_memo: dict[tuple[str, int, int], str] = {}
 
+    def settings(self) -> dict[str, str | None]:
+        """The constructor's arguments, for a registry in another process (None: that process's default)."""
+        return {"registry_path": str(self.registry_path),
+                "cache_dir": None if self._cache_dir is None else str(self._cache_dir),
+                "mirror": None if self.mirror is None else str(self.mirror)}
+
     @property
     def cache_dir(self) -> Path:
         """Resolved on first use, so reading the registry needs no third-party package."""
@@ -221,14 +227,15 @@ class Registry:
         return None
 
     def locate(self, entry: Entry, file: FileEntry) -> Path | None:
-        """The verified local copy of a file (cache, then mirror), or None; downloads nothing."""
+        """The verified local copy of a file (cache, then mirror), or None; downloads and deletes nothing.
+
+        A damaged cached copy is passed over (see :meth:`damaged_files`); a download replaces it atomically."""
         cached = self._cached_path(entry, file)
         if cached.is_file():
             if self._hash(cached) == file.sha256:
                 return cached
             if entry.origin == "imported":
                 raise IntegrityError(f"imported file {cached} was modified (SHA-256 mismatch)")
-            cached.unlink()  # damaged cache file: drop it and look elsewhere
         if file.bundled is not None and file.bundled.is_file():
             if self._hash(file.bundled) != file.sha256:
                 raise IntegrityError(f"{entry.id}: the shipped file {file.bundled} does not match its SHA-256; "
@@ -246,6 +253,16 @@ class Registry:
             if member.kind != "model" or member.member_ids:
                 raise ModelError(f"ensemble {entry.id}: member {member.id} must be a single model")
         return members
+
+    def damaged_files(self, entry: Entry | str) -> list[str]:
+        """Downloaded files of an entry (its members') that no longer match their SHA-256: fetching replaces them."""
+        damaged = []
+        for member in self.members(entry):
+            for file in member.files:
+                cached = self._cached_path(member, file)
+                if member.origin != "imported" and cached.is_file() and self._hash(cached) != file.sha256:
+                    damaged.append(file.name)
+        return damaged
 
     def is_available(self, entry: Entry | str) -> bool:
         """True if every file of the entry (of every member, for an ensemble) is on this machine."""

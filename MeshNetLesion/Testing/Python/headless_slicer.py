@@ -44,3 +44,39 @@ class App:
 
     def node_ids(self):
         return {self.scene.GetNthNode(i).GetID() for i in range(self.scene.GetNumberOfNodes())}
+
+
+class QtMainThread:
+    """Slicer's main thread as far as the GIL goes, to drive a job the way the panel's timer does.
+
+    PythonQt's thread support is off in Slicer, so the main thread keeps the GIL while Qt's event
+    loop idles; other Python threads run only while Python code called from the loop releases it
+    (``time.sleep``, blocking I/O). Idling is reproduced by a C call made through ``ctypes.PyDLL``,
+    which, unlike ``ctypes.CDLL``, does not release the GIL: ``usleep`` with the GIL held.
+    """
+
+    def __init__(self, interval_ms: int) -> None:
+        import ctypes
+
+        self.interval_s = interval_ms / 1000
+        self._usleep = ctypes.PyDLL(None).usleep    # GIL held for the whole call
+        self.stalls_s: list[float] = []             # how long each timer callback kept the loop busy
+
+    def idle(self, seconds: float) -> None:
+        if seconds > 0:
+            self._usleep(int(seconds * 1e6))
+
+    def run_timer(self, callback, until, timeout_s: float = 3600.0) -> float:
+        """Call ``callback`` every interval (idling with the GIL in between) until ``until()``; returns seconds."""
+        import time
+
+        started = time.perf_counter()
+        while not until():
+            if time.perf_counter() - started > timeout_s:
+                raise TimeoutError("the timer loop did not finish in time")
+            tick = time.perf_counter()
+            callback()
+            spent = time.perf_counter() - tick
+            self.stalls_s.append(spent)
+            self.idle(self.interval_s - spent)
+        return time.perf_counter() - started

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 
 import nibabel as nib
 import nrrd
@@ -51,6 +52,17 @@ def test_segment_batch_with_all_outputs(sample_paths, tmp_path):
         assert key in report
     assert report["model"] == "t2lesion-meshnet11" and report["device"] == "cpu" and not report["brain_mask"]
     assert report["lesion_volume_ml"] > 20 and report["timings_s"]["network"] > 0
+    # provenance: the model's version and file hashes, the brain-mask model (none here), a timestamp
+    from meshnet_lesion.registry import Registry
+
+    entry = Registry().get("t2lesion-meshnet11")
+    assert report["model_version"] == entry.card["version"]
+    assert report["model_files_sha256"] == {f.name: f.sha256 for f in entry.files}
+    assert report["brain_mask_model"] is None
+    assert abs(datetime.fromisoformat(report["created"]) - datetime.now(timezone.utc)) < timedelta(hours=1)
+    # the ARC participant's lesion is in the left hemisphere (an aphasia cohort; visible on the preview)
+    assert report["largest_lesion"]["hemisphere"] == "left"
+    assert report["largest_lesion"]["volume_ml"] == pytest.approx(report["lesion_volume_ml"], rel=0.05)
     probability = nib.load(probs / "M2265_T2w_prob.nii.gz")
     assert probability.get_data_dtype() == np.float32 and probability.shape == image.shape
     assert (previews / "M2265_T2w_preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -125,10 +125,13 @@ def test_download_verifies_caches_and_is_atomic(tmp_path, http_folder, registry)
     # second time: served from the verified cache, no request
     local.fetch("tiny")
     assert len(requests) == 2
-    # a damaged cache file is noticed, dropped and downloaded again
+    # a damaged cache file is reported, never deleted by looking (a panel refresh), and replaced by a fetch
     damaged = paths["model.pth"]
     damaged.write_bytes(b"garbage")
+    assert not local.is_available("tiny") and local.damaged_files("tiny") == ["model.pth"]
+    assert damaged.read_bytes() == b"garbage"
     local.fetch("tiny")
+    assert local.damaged_files("tiny") == []
     assert sha256_of(damaged) == next(f["sha256"] for f in files if f["name"] == "model.pth")
     assert len(requests) == 3
 

@@ -5,8 +5,10 @@ Volumes, Terminologies, Segmentations and SubjectHierarchy logics). Only the Qt 
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 
 import nibabel as nib
 import numpy as np
@@ -318,7 +320,7 @@ def test_volume_under_a_linear_transform_is_segmented_in_world_space(app, logic,
     assert np.array_equal(exported > 0, native > 0)
 
 
-def test_run_options_are_frozen_and_the_segmenter_is_shared_across_probability_choices(logic):
+def test_run_options_are_frozen_and_reach_the_child_with_this_logics_registry(logic, registry):
     import dataclasses
 
     from MeshNetLesionLib.job import RunOptions
@@ -326,9 +328,169 @@ def test_run_options_are_frozen_and_the_segmenter_is_shared_across_probability_c
     options = RunOptions("t2lesion-meshnet11", device="cpu", brainMask=False)
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.device = "cuda"
-    first = logic.segmenter(options)
-    assert logic.segmenter(dataclasses.replace(options, outputProbability=True)) is first
-    assert logic.segmenter(dataclasses.replace(options, minimumLesionMl=1.0)) is not first
+    launch = logic.launch()
+    assert launch.python == sys.executable  # headless: this interpreter; in Slicer: PythonSlicer
+    assert launch.registry == registry.settings()
+
+
+def _drive(job, main_thread, cancel_when=None):
+    """The panel's timer under Slicer's GIL: poll, hand over a slice, idle with the GIL held."""
+    from MeshNetLesionLib.job import WORKER_SLICE_S
+
+    def on_timer():
+        if cancel_when is not None and cancel_when(job):
+            job.cancel()
+        if not job.poll():
+            time.sleep(WORKER_SLICE_S)
+
+    main_thread.run_timer(on_timer, lambda: job.finished, timeout_s=600)
+
+
+def test_under_slicers_gil_the_network_runs_in_a_child_and_gives_the_same_segment(app, logic, lps_run):
+    """The harness holds the GIL between timer ticks as Slicer's Qt event loop does (benchmarks/slicer_gil.py
+    measures speed with it); here: the run completes in a separate process with the in-process result."""
+    from headless_slicer import QtMainThread
+
+    from MeshNetLesionLib.job import POLL_INTERVAL_MS
+
+    node, native_segmentation, _, _ = lps_run
+    main_thread = QtMainThread(POLL_INTERVAL_MS)
+    job = logic.segmentAsync(node, **FAST)
+    _drive(job, main_thread)
+    assert job.state == "done", job.error
+    assert job._process.pid != os.getpid() and job._process.returncode == 0
+    assert len(main_thread.stalls_s) > 10  # it really was driven by ticks
+    exported = _export(app, job.segmentationNode, _lesion_id(job.segmentationNode), node)
+    native = _export(app, native_segmentation, _lesion_id(native_segmentation), node)
+    assert np.array_equal(exported > 0, native > 0)
+
+
+def test_cancel_under_slicers_gil_terminates_the_child_and_leaves_nothing(app, logic, lps_run):
+    from headless_slicer import QtMainThread
+
+    from MeshNetLesionLib.job import POLL_INTERVAL_MS
+
+    node, _, _, _ = lps_run
+    before = app.node_ids()
+    job = logic.segmentAsync(node, **FAST)
+    _drive(job, QtMainThread(POLL_INTERVAL_MS), cancel_when=lambda j: "layer" in j.stage)
+    assert job.state == "cancelled" and job.segmentationNode is None
+    assert job._process.poll() is not None  # the child is gone, not left running
+    assert app.node_ids() == before
+    assert not job._thread.is_alive()
+
+
+def test_a_child_that_dies_is_a_failure_with_details_and_an_expected_error_has_none(app, logic, lps_run):
+    from MeshNetLesionLib.logic import errorDetails
+
+    node, _, _, _ = lps_run
+    before = app.node_ids()
+    job = logic.segmentAsync(node, **FAST)
+    while "layer" not in job.stage and not job.poll():
+        time.sleep(0.05)
+    job._process.kill()  # as the kernel's out-of-memory killer would
+    job.wait(timeout=60)
+    assert job.state == "failed" and "exit code" in str(job.error) and "out of memory" in str(job.error)
+    assert app.node_ids() == before
+    detail = errorDetails(job)
+    assert detail is None or (isinstance(detail, str) and detail.strip())
+    # an expected error (bad input) comes back as our own error class, and a dialog shows no details
+    zeros = app.add_volume("zeros for details", np.zeros((40, 40, 40), np.float32), np.eye(4))
+    job = logic.segmentAsync(zeros, **FAST).wait(timeout=120)
+    assert job.state == "failed" and isinstance(job.error, InputError) and errorDetails(job) is None
+
+
+def test_close_cancels_joins_and_removes_the_scene_observers(app, logic, lps_run):
+    node, _, _, _ = lps_run
+    job = logic.segmentAsync(node, **FAST)
+    assert len(job._observations) == 2
+    job.close(timeout=10)
+    assert job.state == "cancelled"
+    assert not job._thread.is_alive() and job._observations == []
+    assert job._process is None or job._process.poll() is not None
+
+
+def test_other_models_give_one_segment_per_class_with_probabilities(app, logic, sample_paths):
+    from meshnet_lesion import load_volume
+    from MeshNetLesionLib import texts
+    from MeshNetLesionLib.mrml import OUTPUT_ATTRIBUTE, OUTPUT_CLASS_ATTRIBUTE, PROBABILITY_REFERENCE
+
+    t1 = load_volume(sample_paths["sample-t1-crop"])
+    node = app.add_volume("T1", t1.array, t1.affine)
+    segmentation_node = logic.segment(node, modelId="brainchop-tissue-fast", device="cpu", outputProbability=True)
+    segmentation = segmentation_node.GetSegmentation()
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    assert names == ["White matter", "Grey matter"]
+    classes = logic.registry.load("brainchop-tissue-fast").spec.classes
+    for index, spec in enumerate(classes[1:]):
+        segment = segmentation.GetNthSegment(index)
+        assert np.allclose(segment.GetColor(), np.array(spec.color) / 255)
+        assert _tag(segment, SEGMENT_TAG) == "brainchop-tissue-fast"
+        assert "Infarct" not in (_tag(segment, segment.GetTerminologyEntryTagName()) or "")  # Slicer's default
+        exported = _export(app, segmentation_node, segmentation.GetNthSegmentID(index), node)
+        assert exported.sum() > 100_000, spec.name  # hundreds of mL of each tissue in a head
+    assert segmentation_node.GetNumberOfNodeReferences(PROBABILITY_REFERENCE) == 2
+    probabilities = [segmentation_node.GetNthNodeReference(PROBABILITY_REFERENCE, i) for i in range(2)]
+    assert [p.GetAttribute(OUTPUT_CLASS_ATTRIBUTE) for p in probabilities] == names
+    assert all(p.GetAttribute(OUTPUT_ATTRIBUTE) == "probability" for p in probabilities)
+    for probability in probabilities:
+        values = slicer.util.arrayFromVolume(probability)
+        assert values.shape == slicer.util.arrayFromVolume(node).shape and 0 <= values.min() and values.max() <= 1
+    summary = logic.lesionSummary(segmentation_node)
+    assert summary["LesionVolumeMl"] == "" and "White matter" in summary["Classes"]
+    assert "White matter" in texts.resultText(summary)
+    # a re-run replaces the model's segments and probability volumes in place
+    nodes = app.node_ids()
+    logic.segment(node, segmentation_node, modelId="brainchop-tissue-fast", device="cpu", outputProbability=True)
+    assert [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())] == names
+    assert app.node_ids() == nodes
+
+
+def test_default_input_is_the_newest_scan_never_an_output_and_outputs_are_refused(app, logic, lps_run):
+    from MeshNetLesionLib.mrml import PROBABILITY_REFERENCE
+
+    node, segmentation, _, _ = lps_run
+    probability = segmentation.GetNodeReference(PROBABILITY_REFERENCE)
+    assert probability is not None
+    chosen = logic.defaultInputVolume()
+    assert chosen is not None and chosen is not probability and not chosen.IsA("vtkMRMLLabelMapVolumeNode")
+    newest = app.add_volume("newest scan", np.random.default_rng(0).random((8, 8, 8)).astype(np.float32), np.eye(4))
+    assert logic.defaultInputVolume() is newest
+    app.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels after it")
+    assert logic.defaultInputVolume() is newest
+    with pytest.raises(InputError, match="written by MeshNet Lesion"):
+        logic.segment(probability, **FAST)
+    app.scene.RemoveNode(newest)
+
+
+def test_summary_gives_the_largest_lesion_and_its_hemisphere(logic, lps_run):
+    from MeshNetLesionLib import texts
+
+    _, segmentation, _, _ = lps_run
+    summary = logic.lesionSummary(segmentation)
+    assert summary["LargestLesionHemisphere"] == "left"  # the LPS-stored copy of M2265: still the left
+    assert float(summary["LargestLesionMl"]) <= float(summary["LesionVolumeMl"])
+    text = texts.resultText(summary)
+    assert "left hemisphere" in text and summary["Model"] in text
+
+
+def test_damaged_download_is_reported_on_the_card_not_deleted(tmp_path, registry):
+    from meshnet_lesion.registry import Registry
+    from MeshNetLesionLib.logic import modelCardHtml
+
+    local = Registry(cache_dir=tmp_path / "cache", mirror=tmp_path / "no-mirror")
+    entry = local.get("t2lesion-meshnet11")
+    for file in entry.files:  # a downloaded copy, then damaged
+        target = local._cached_path(entry, file)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(registry.fetch_all("t2lesion-meshnet11")[[f.name for f in entry.files].index(file.name)]
+                           .read_bytes())
+    damaged = local._cached_path(entry, entry.files[0])
+    damaged.write_bytes(b"damaged")
+    card = MeshNetLesionLogic(registry=local).modelCard("t2lesion-meshnet11")
+    assert card["damaged"] == [entry.files[0].name] and not card["available"]
+    assert "is damaged (SHA-256 mismatch)" in modelCardHtml(card)
+    assert damaged.read_bytes() == b"damaged"  # looking deleted nothing
 
 
 def test_model_card_html_shows_the_card_escaped(logic):
@@ -343,4 +505,7 @@ def test_model_card_html_shows_the_card_escaped(logic):
     default = modelCardHtml(logic.modelCard("arc-meshnet26"))
     assert "<b>Known metrics:</b> Dice, mean over 75 held-out ARC subjects" in default
     assert "<b>Measured by this project:</b>" in default
+    assert "<b>Default model:</b> The only lesion model with a published held-out evaluation" in default
+    assert "<b>License:</b>" in default and "Licence" not in default
+    assert "<b>Default model:</b>" not in modelCardHtml(logic.modelCard("t2lesion-meshnet11"))
     assert logic.defaultBrainMask("t2lesion-meshnet11") and not logic.defaultBrainMask("brainchop-mindgrab")

@@ -122,19 +122,64 @@ def _cmake_list(text: str, variable: str) -> list[str]:
     return [line.strip().replace("${MODULE_NAME}", "MeshNetLesion") for line in block.splitlines() if line.strip()]
 
 
-def test_module_cmake_lists_every_file_and_only_existing_ones():
+def _module_file(name: str) -> Path | None:
+    for candidate in (MODULE_DIR / f"{name.replace('.', '/')}.py", MODULE_DIR / name.replace(".", "/") / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_names(path: Path, package: str) -> set[str]:
+    """Every module a file imports (at any depth: function-level imports count), plus the package's lazy names."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            names |= {module} | {f"{module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_LAZY" for t in node.targets):
+            names |= {f"{package}.{value.value}" for value in node.value.values}  # __init__'s lazy attributes
+    return names
+
+
+def slicer_code() -> set[str]:
+    """The files the panel can reach from MeshNetLesion.py and MeshNetLesionLib, following imports."""
+    todo = ["MeshNetLesion"] + [f"MeshNetLesionLib.{p.stem}" for p in (MODULE_DIR / "MeshNetLesionLib").glob("*.py")]
+    seen: set[Path] = set()
+    while todo:
+        name = todo.pop()
+        path = _module_file(name)
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for imported in _imported_names(path, package):
+            parts = imported.split(".")
+            todo += [".".join(parts[:k]) for k in range(1, len(parts) + 1)]
+    return {p.relative_to(MODULE_DIR).as_posix() for p in seen}
+
+
+def test_module_cmake_ships_what_the_panel_runs_and_every_bundled_weight():
     text = (MODULE_DIR / "CMakeLists.txt").read_text()
     scripts = _cmake_list(text, "MODULE_PYTHON_SCRIPTS")
     resources = _cmake_list(text, "MODULE_PYTHON_RESOURCES")
-    for path in scripts + resources:
+    for path in scripts + [r for r in resources if not r.startswith("${")]:
         assert (MODULE_DIR / path).is_file(), f"CMakeLists.txt lists a missing file: {path}"
-    code = {p.relative_to(MODULE_DIR).as_posix() for package in ("MeshNetLesionLib", "meshnet_lesion")
-            for p in (MODULE_DIR / package).rglob("*.py")}
-    assert code <= set(scripts), f"not packaged: {code - set(scripts)}"
+    reached = slicer_code()
+    assert set(scripts) == reached, f"not shipped: {reached - set(scripts)}; shipped, never used: {set(scripts) - reached}"
+    for left_out in ("meshnet_lesion/cli.py", "meshnet_lesion/training.py", "meshnet_lesion/synth.py"):
+        assert left_out not in scripts
     assert "meshnet_lesion/models.json" in resources
-    bundled = {f"meshnet_lesion/{f['bundled']}" for m in json.loads((MODULE_DIR / "meshnet_lesion" / "models.json")
-               .read_text())["models"] for f in m["files"] if "bundled" in f}
-    assert bundled <= set(resources), f"weights the registry ships are not packaged: {bundled - set(resources)}"
+    # every file under weights/ ships (a glob), so a bundled weight added later cannot be forgotten
+    assert "${MODULE_BUNDLED_WEIGHTS}" in resources
+    assert re.search(r"file\(GLOB_RECURSE MODULE_BUNDLED_WEIGHTS RELATIVE \$\{CMAKE_CURRENT_SOURCE_DIR\}\s+"
+                     r"\$\{CMAKE_CURRENT_SOURCE_DIR\}/meshnet_lesion/weights/\*\)", text)
+    bundled = {f["bundled"] for m in json.loads((MODULE_DIR / "meshnet_lesion" / "models.json").read_text())["models"]
+               for f in m["files"] if "bundled" in f}
+    assert all(path.startswith("weights/") for path in bundled), bundled
     assert "slicerMacroBuildScriptedModule" in text and "WITH_GENERIC_TESTS" in text
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
 
@@ -160,6 +205,12 @@ def test_extension_cmake_and_catalog_entries():
     s4ext = dict(line.split(" ", 1) for line in (REPO / "MeshNetLesion.s4ext").read_text().splitlines()
                  if line.strip() and not line.startswith("#"))
     assert s4ext["depends"] == "PyTorch" and s4ext["category"] == "Segmentation" and s4ext["scm"] == "git"
+    cmake = dict(re.findall(r'set\(EXTENSION_(\w+) "(.*?)"\)', text))
+    for s4ext_key, cmake_key in (("homepage", "HOMEPAGE"), ("category", "CATEGORY"), ("contributors", "CONTRIBUTORS"),
+                                 ("description", "DESCRIPTION"), ("iconurl", "ICONURL"),
+                                 ("screenshoturls", "SCREENSHOTURLS"), ("depends", "DEPENDS")):
+        assert s4ext[s4ext_key] == cmake[cmake_key], f".s4ext {s4ext_key} differs from CMakeLists.txt"
+    assert s4ext["scmurl"].removesuffix(".git") == entry["scm_url"]
     for url_key in ("iconurl", "screenshoturls"):
         relative = s4ext[url_key].split("/main/", 1)[1]
         assert (REPO / relative).is_file(), f"{url_key} points at a file not in the repository: {relative}"
@@ -225,3 +276,109 @@ def test_listing_models_needs_no_third_party_package():
             "assert not heavy, heavy")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=MODULE_DIR)
     assert done.returncode == 0, done.stderr
+
+
+# ---------------------------------------------------------------- the widget, read statically (no Qt here)
+def _source(module_tree, class_name: str, method: str) -> str:
+    return ast.unparse(_method(module_tree, class_name, method))
+
+
+def test_device_choice_survives_apply(module_tree):
+    """Refilling the device list emits currentIndexChanged; unblocked, it wrote "auto" over the user's choice."""
+    populate = _source(module_tree, "MeshNetLesionWidget", "populateDevices")
+    assert populate.index("combo.blockSignals(True)") < populate.index("combo.clear()")
+    assert populate.index("combo.addItem(") < populate.index("combo.blockSignals(wasBlocked)")
+    assert "self._selectData(combo, self._parameterNode.device)" in populate
+    apply = _method(module_tree, "MeshNetLesionWidget", "onApplyButton")
+    calls = [node for node in ast.walk(apply) if isinstance(node, ast.Call)
+             and ast.unparse(node.func) == "self.populateDevices"]
+    guards = [node for node in ast.walk(apply) if isinstance(node, ast.If)
+              and ast.unparse(node.test) == "not self._devicesKnown"]
+    assert len(calls) == 1 and guards and calls[0] in list(ast.walk(guards[0]))
+
+
+def test_error_dialogs_pass_details_only_when_there_are_some(module_tree):
+    text = MODULE_FILE.read_text(encoding="utf-8")
+    assert "detailedText=None" not in text
+    calls = [n for n in ast.walk(module_tree) if isinstance(n, ast.Call) and ast.unparse(n.func).endswith("errorDisplay")]
+    with_details = [(call, k.value) for call in calls for k in call.keywords if k.arg == "detailedText"]
+    assert with_details  # the failure dialog still shows a traceback when there is one
+    for call, value in with_details:
+        assert _guarded(module_tree, call, value), ast.unparse(call)
+
+
+def _guarded(tree, call, value) -> bool:
+    """Whether ``call`` sits in the body of an ``if <value>:``."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test) == ast.unparse(value):
+            if any(call is inner for statement in node.body for inner in ast.walk(statement)):
+                return True
+    return False
+
+
+def test_cleanup_closes_the_job_and_apply_is_debounced(module_tree):
+    assert "self._job.close(timeout=JOB_CLOSE_TIMEOUT_S)" in _source(module_tree, "MeshNetLesionWidget", "cleanup")
+    body = _method(module_tree, "MeshNetLesionWidget", "onApplyButton").body
+    assert ast.unparse(body[0]) == "now = time.monotonic()"
+    assert ast.unparse(body[1]).startswith("if now - self._lastApplyClick < APPLY_DEBOUNCE_S:")
+
+
+def test_setup_loads_the_terminology_and_the_input_default_comes_from_the_logic(module_tree):
+    setup = _source(module_tree, "MeshNetLesionWidget", "setup")
+    assert "self.logic.loadTerminology()" in setup
+    initialize = _source(module_tree, "MeshNetLesionWidget", "initializeParameterNode")
+    assert "self.logic.defaultInputVolume()" in initialize and "GetFirstNodeByClass" not in initialize
+
+
+def test_self_test_skips_without_dependencies_and_installs_only_when_asked(module_tree):
+    set_up = _source(module_tree, "MeshNetLesionTest", "setUp")
+    assert set_up.index("dependenciesMissing()") < set_up.index("self.skipTest(")
+    assert "ensureDependencies(askConfirmation=True)" in _source(module_tree, "MeshNetLesionTest", "runTest")
+
+
+def test_texts_are_translatable_and_say_license(module_tree):
+    text = MODULE_FILE.read_text(encoding="utf-8")
+    library = "".join(p.read_text(encoding="utf-8") for p in (MODULE_DIR / "MeshNetLesionLib").glob("*.py"))
+    assert "Licence" not in text + library + UI_FILE.read_text(encoding="utf-8")
+    assert '<a href="{url}">' in text and "DOCUMENTATION_URL" in text
+    for node in ast.walk(module_tree):  # the status line is always a translated text
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "self.ui.statusLabel.text":
+            value = ast.unparse(node.value)
+            assert value.startswith(("_(", "texts.")), value
+
+
+def test_stage_texts_map_onto_translatable_phrases(monkeypatch):
+    from MeshNetLesionLib import texts
+
+    seen = []
+    monkeypatch.setattr(texts, "_", lambda text: seen.append(text) or f"<{text}>")  # a "translation"
+    assert texts.stageText("segmenting (model 2 of 3): layer 5 of 26") == "<segmenting (model 2 of 3)>: <layer 5 of 26>"
+    assert texts.stageText("brain mask: layer 1 of 26") == "<brain mask>: <layer 1 of 26>"
+    assert texts.stageText("downloading model.pth (40%)") == "<downloading model.pth (40%)>"
+    assert texts.stageText("something new") == "something new"
+    assert "segmenting (model {index} of {count})" in seen and "layer {index} of {count}" in seen
+
+
+def test_requirements_leave_out_what_slicer_ships_and_an_install_failure_is_one_dialog(monkeypatch):
+    wanted = (MODULE_DIR / "Resources" / "requirements.txt").read_text(encoding="utf-8")
+    requirements = [line.split("#")[0].strip() for line in wanted.splitlines() if line.split("#")[0].strip()]
+    assert not any(re.split(r"[<>=]", r)[0] in ("scipy", "numpy", "torch") for r in requirements)
+
+    pytest.importorskip("slicer", reason="needs the slicer-core package")
+    import slicer
+
+    from MeshNetLesionLib import install
+
+    dialogs = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: dialogs.append((text, kw)), raising=False)
+    monkeypatch.setattr(install, "missingPackages", lambda: ["pooch>=1.8"])
+
+    def failing(missing, ask):
+        raise subprocess.CalledProcessError(1, ["pip", "install", *missing])
+
+    monkeypatch.setattr(install, "_install", failing)
+    assert install.ensureDependencies(askConfirmation=False) is False
+    assert len(dialogs) == 1 and "Could not install pooch>=1.8" in dialogs[0][0] and not dialogs[0][1]
+    monkeypatch.setattr(install, "_install", lambda missing, ask: False)  # the user declined: no dialog
+    assert install.ensureDependencies(askConfirmation=True) is False and len(dialogs) == 1
+    assert install.dependenciesMissing() == ["pooch>=1.8"] or install.dependenciesMissing()[0] == "torch"
