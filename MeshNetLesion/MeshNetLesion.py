@@ -2,7 +2,7 @@
 
 A thin module file over MeshNetLesionLib (Slicer-side logic) and meshnet_lesion (the core): the
 widget shows the panel and drives a :class:`MeshNetLesionLib.job.SegmentationJob` from a timer.
-Third-party packages (torch, scipy, safetensors, pooch) are imported only when a run starts.
+The network runs in a child process; Slicer's process never imports torch at startup.
 """
 import logging
 import os

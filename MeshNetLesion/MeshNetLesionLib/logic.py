@@ -3,7 +3,8 @@
 Runs inside Slicer and headless with only the ``slicer-core`` package (tests build the scene the
 way trame-slicer does). The widget drives a :class:`~.job.SegmentationJob` from a timer;
 :meth:`MeshNetLesionLogic.segment` is the synchronous form for the Python console and batch scripts.
-Everything torch-dependent is imported when a run starts, so the panel loads before PyTorch is installed.
+The network runs in a child process (:mod:`.job`); Slicer's own process imports PyTorch only to list
+devices, so the panel loads before PyTorch is installed.
 """
 from __future__ import annotations
 
