@@ -69,6 +69,33 @@ def test_group_norm_uses_whole_volume_statistics(small_slabs):
     np.testing.assert_allclose(out.probabilities[0], expected[1].numpy(), atol=2e-5)
 
 
+@pytest.mark.parametrize("norm", ["group", "batch"])
+def test_a_cropped_run_with_its_surround_is_the_whole_grid_run(small_slabs, norm):
+    """A crop whose margin exceeds the receptive field, run with ``surround``, gives the whole grid's output:
+    outside the crop every layer is at the background's constant, and GroupNorm counts those voxels."""
+    activations = ("gelu", "elu", "relu")
+    layers = tuple(LayerSpec(1 if i == 0 else 4, 4, 3, d, True, norm, activations[i])
+                   for i, d in enumerate((1, 2, 1))) + (LayerSpec(4, 2, 1, 1, True, "none", "none"),)
+    torch.manual_seed(5)
+    model = MeshNet(ModelSpec(layers)).eval()
+    if norm == "batch":
+        model = _random_batchnorm(model, seed=5)
+    whole = np.zeros((40, 36, 32), np.float32)
+    whole[14:26, 12:24, 10:22] = np.random.default_rng(2).random((12, 12, 12), dtype=np.float32) + 0.5
+    engine = Engine(model.to_loaded(), "cpu")
+    expected = engine.run(whole, probability_classes=[1]).probabilities[0]
+    box = (slice(9, 31), slice(7, 29), slice(5, 27))     # margin 5 > receptive radius 4
+    crop = np.ascontiguousarray(whole[box])
+    out = engine.run(crop, probability_classes=[1], surround=whole.size - crop.size).probabilities[0]
+    plain = engine.run(crop, probability_classes=[1]).probabilities[0]  # zeros outside, crop-only statistics
+    error, plain_error = np.abs(out - expected[box]).mean(), np.abs(plain - expected[box]).mean()
+    if norm == "batch":
+        np.testing.assert_allclose(out, expected[box], atol=2e-5)
+        assert plain_error > 1e-3                          # so the surround really is what makes them equal
+    else:  # the whole grid's own zero padding at its edges moves its statistics a little: not exact there
+        assert error < 0.1 * plain_error, (error, plain_error)
+
+
 def test_cpu_fp32_is_deterministic():
     model = _random_batchnorm(build_meshnet(5), seed=4)
     engine = Engine(model.to_loaded(), "cpu")
