@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .postprocess import FULL_CONNECTIVITY, component_sizes
+from .postprocess import FULL_CONNECTIVITY
 from .spec import ClassSpec
 
 
@@ -60,7 +60,7 @@ class SegmentationResult:
 
     @property
     def lesion_components(self) -> int | None:
-        return len(component_sizes(self.labels == 1)) if self.is_lesion_model else None
+        return self.summarize()["lesion_components"]
 
     def class_volumes_ml(self) -> dict[str, float]:
         counts = np.bincount(self.labels.ravel().astype(np.int64), minlength=len(self.classes))
@@ -75,35 +75,38 @@ class SegmentationResult:
         if self.summary is None:
             found = ndimage.find_objects((self.labels > 0).astype(np.uint8))
             box = [[s.start, s.stop] for s in found[0]] if found and found[0] is not None else None
+            count, largest = self._components() if self.is_lesion_model else (None, None)
             self.summary = {
                 "lesion_volume_ml": None if self.lesion_volume_ml is None else round(self.lesion_volume_ml, 3),
-                "lesion_components": self.lesion_components, "largest_lesion": self.largest_lesion(),
+                "lesion_components": count, "largest_lesion": largest,
                 "class_volumes_ml": {k: round(v, 3) for k, v in self.class_volumes_ml().items()},
                 "brain_volume_ml": None if self.brain is None else round(self.brain_volume_ml, 3),
                 "label_box": box}
         return self.summary
 
     def largest_lesion(self) -> dict[str, Any] | None:
-        """The largest lesion component: its volume, RAS centroid and hemisphere (None without a lesion).
+        """The largest lesion component: its volume, RAS centroid and hemisphere (None without a lesion)."""
+        return self.summarize()["largest_lesion"]
+
+    def _components(self) -> tuple[int, dict[str, Any] | None]:
+        """The lesion's 26-connected components, labelled once: their number and the largest one.
 
         The midline is the brain mask's centroid when there is one, else the centre of the scan's grid:
         world x = 0 need not be the midline of a scan."""
         from scipy import ndimage
 
-        if not self.is_lesion_model:
-            return None
         components, count = ndimage.label(self.labels == 1, structure=FULL_CONNECTIVITY)
         if count == 0:
-            return None
+            return 0, None
         sizes = np.bincount(components.ravel())[1:]
         largest = int(np.argmax(sizes)) + 1
         centroid = _world(self.affine, ndimage.center_of_mass(components == largest))
         middle = (ndimage.center_of_mass(self.brain) if self.brain is not None and self.brain.any()
                   else (np.array(self.labels.shape) - 1) / 2)
         midline_x = _world(self.affine, middle)[0]
-        return {"volume_ml": round(float(sizes[largest - 1]) * self.voxel_volume_ml, 3),
-                "centroid_ras_mm": [round(float(c), 1) for c in centroid],
-                "hemisphere": "right" if centroid[0] > midline_x else "left"}  # RAS: +x is the patient's right
+        return int(count), {"volume_ml": round(float(sizes[largest - 1]) * self.voxel_volume_ml, 3),
+                            "centroid_ras_mm": [round(float(c), 1) for c in centroid],
+                            "hemisphere": "right" if centroid[0] > midline_x else "left"}  # RAS: +x = right
 
     def report(self, **extra: Any) -> dict[str, Any]:
         summary = self.summarize()
