@@ -10,7 +10,9 @@ mask, standardisation, restriction, back to the source grid). For each model:
   12-bit integer storage; 1×1×3 mm axial and 2 mm isotropic voxels): lesion mL and Dice against the
   same model's lesion on the unmodified scan, on the original grid;
 - **false positives**: M2265 with its lesioned hemisphere replaced by the mirrored healthy one, and
-  lesion-free synthetic renderings (``meshnet_lesion.synth``, label head of t1_crop): lesion mL found;
+  lesion-free synthetic renderings (``meshnet_lesion.synth``, label head of t1_crop) with a random
+  T2-like contrast (as for training) and with M2265's own contrast (``synth.measured_contrast``):
+  lesion mL found;
 - **synthetic held-out set**: held-out SOOP lesions painted into M2265 (its own lesion, as all models
   together find it, not scored): Dice, AVD and MCC against the painted truth;
 - **M2265's volume** beside ARC's MNI-space figure scaled by the brain-volume ratio, the template's
@@ -57,7 +59,7 @@ TEMPLATE = "nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.
 TEMPLATE_SHA256 = "421a10e872fd6cadae7f61d358dffbcc1795a497d61ee76c5dda2503e1a1e9e6"
 AGREEMENT = ("skull-stripped", "intensity x0.5", "intensity x3", "gamma 0.7", "gamma 1.4", "bias field 20%",
              "12-bit integers", "1x1x3 mm axial", "2 mm isotropic")
-LESION_FREE = ("mirrored healthy hemisphere", "synthetic lesion-free")
+LESION_FREE = ("mirrored healthy hemisphere", "synthetic lesion-free", "synthetic lesion-free (M2265 contrast)")
 
 
 def agreement_cases(scan: Volume, brain: np.ndarray) -> dict[str, Volume]:
@@ -75,15 +77,19 @@ def agreement_cases(scan: Volume, brain: np.ndarray) -> dict[str, Volume]:
 
 
 def synthetic_sets(registry: Registry, shared: Path, own_lesion: np.ndarray, scan: Volume, brain: np.ndarray,
-                   count: int) -> tuple[list[Volume], list[tuple[Volume, np.ndarray]]]:
-    """Lesion-free renderings of the label head (t1_crop) and held-out SOOP lesions painted into M2265."""
+                   count: int) -> tuple[dict[str, list[Volume]], list[tuple[Volume, np.ndarray]]]:
+    """Lesion-free renderings of the label head (t1_crop), random and with M2265's contrast, and held-out
+    SOOP lesions painted into M2265."""
     masks = sorted((shared / "lesions" / "soop").glob("*.nii.gz"))
     _, held_out = synth.split_lesions(masks)
     label_head = synth.build_label_head(shared / "mri" / "t1_crop.nii.gz", registry, "cpu")
-    free = []
+    contrast = synth.measured_contrast(scan.array, brain)
+    free: dict[str, list[Volume]] = {"synthetic lesion-free": [], "synthetic lesion-free (M2265 contrast)": []}
     for index in range(count):
         image, _, _ = synth.render(label_head, [], np.random.default_rng([7, index]))
-        free.append(Volume(image, label_head.affine))
+        free["synthetic lesion-free"].append(Volume(image, label_head.affine))
+        image, _, _ = synth.render(label_head, [], np.random.default_rng([9, index]), contrast=contrast)
+        free["synthetic lesion-free (M2265 contrast)"].append(Volume(image, label_head.affine))
     real = synth.real_head(scan, brain, own_lesion, "M2265")
     painted = []
     for index in range(count):
@@ -215,7 +221,7 @@ def main() -> int:
     painted: list = []
     if args.synthetic:
         free, painted = synthetic_sets(registry, shared, own_lesion, scan, brain, args.synthetic)
-        lesion_free["synthetic lesion-free"] = free
+        lesion_free.update(free)
     lesion_free = {name: volumes for name, volumes in lesion_free.items() if name in wanted}
     args.report.parent.mkdir(parents=True, exist_ok=True)
 
@@ -267,20 +273,20 @@ def main() -> int:
 
 def _print_table(results: dict, models: list[str]) -> None:
     print(f"\nLesion quality on the ARC scan M2265 ({describe(results['machine'])})")
-    print(f"{'case':30}" + "".join(f"{m:>26}" for m in models))
+    print(f"{'case':40}" + "".join(f"{m:>26}" for m in models))
     row = results["models"]
-    print(f"{'M2265 lesion mL':30}" + "".join(f"{row[m]['original']['lesion_ml']:>26.1f}" for m in models))
+    print(f"{'M2265 lesion mL':40}" + "".join(f"{row[m]['original']['lesion_ml']:>26.1f}" for m in models))
     for name in [n for n in AGREEMENT if n in row[models[0]]]:
-        print(f"{name + ': Dice (mL)':30}" + "".join(
+        print(f"{name + ': Dice (mL)':40}" + "".join(
             f"{row[m][name]['dice']:>17.3f} ({row[m][name]['lesion_ml']:5.1f})" for m in models))
     for name in LESION_FREE:
         if name in row[models[0]]:
-            print(f"{name + ': mL':30}" + "".join(f"{row[m][name]['false_positive_ml']:>26.2f}" for m in models))
+            print(f"{name + ': mL':40}" + "".join(f"{row[m][name]['false_positive_ml']:>26.2f}" for m in models))
     if "synthetic held-out" in row[models[0]]:
-        print(f"{'synthetic held-out: Dice/AVD/MCC':30}" + "".join(
+        print(f"{'synthetic held-out: Dice/AVD/MCC':40}" + "".join(
             f"{row[m]['synthetic held-out']['dice']:>12.3f}/{row[m]['synthetic held-out']['avd']:.3f}/"
             f"{row[m]['synthetic held-out']['mcc']:.3f}" for m in models))
-    print(f"{'seconds per run (M2265)':30}" + "".join(f"{row[m]['original']['seconds']:>26.0f}" for m in models))
+    print(f"{'seconds per run (M2265)':40}" + "".join(f"{row[m]['original']['seconds']:>26.0f}" for m in models))
     table = results.get("arc_table")
     if table:
         print(f"\nARC's table: {table['mni_ml']:.1f} mL in MNI space × brain {table['m2265_brain_ml']:.0f} / "

@@ -267,6 +267,36 @@ def _t2_contrast(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return means, stds
 
 
+def measured_contrast(t2: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """Per-tissue means of a real T2w scan, for renderings that look like that scan rather than random.
+
+    Three intensity clusters (1-D k-means) of the brain give white matter, grey matter and CSF, three of
+    the head outside the brain give the dark, middle and bright non-brain tissues (matched in order to
+    a label head's T1 terciles: bone and air, muscle, fat and marrow are dark, darker and bright on a
+    fast spin-echo T2 as on a T1). Deep grey lies halfway between white and grey, pallidum below white
+    (iron), brainstem a little above it. All relative to the brain's 99.9th percentile."""
+    t2 = np.asarray(t2, np.float32)
+    scale = float(np.percentile(t2[brain], 99.9)) or 1.0
+    white, grey, csf = _clusters(t2[brain] / scale)
+    outside = ndimage.binary_dilation(brain, iterations=2)
+    head = ndimage.binary_fill_holes(ndimage.binary_closing(t2 > 0.05 * np.percentile(t2, 99.5), iterations=2))
+    means = np.zeros(NUM_TISSUES, np.float32)
+    means[list(HEAD_TISSUES)] = _clusters(t2[head & ~outside] / scale)
+    means[[WHITE, CORTEX, CSF]] = white, grey, csf
+    means[[DEEP_GREY, PALLIDUM, STEM]] = (white + grey) / 2, 0.87 * white, 1.1 * white
+    means[[CEREBELLUM_GREY, CEREBELLUM_WHITE, LIMBIC]] = grey, white, grey
+    return means
+
+
+def _clusters(values: np.ndarray, k: int = 3, iterations: int = 50) -> np.ndarray:
+    """Sorted centres of a 1-D k-means."""
+    centres = np.percentile(values, np.linspace(10, 90, k))
+    for _ in range(iterations):
+        nearest = np.argmin(np.abs(values[:, None] - centres[None]), axis=1)
+        centres = np.array([values[nearest == j].mean() if np.any(nearest == j) else centres[j] for j in range(k)])
+    return np.sort(centres).astype(np.float32)
+
+
 def _deform_labels(tissues: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Random pose (±8°, ±8 % scale, ±6 mm) and elastic warp of a label map, nearest neighbour."""
     centre = (np.array(SHAPE) - 1) / 2
@@ -285,16 +315,23 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def render(head: Head, lesions: Sequence[LesionSource], rng: np.random.Generator,
-           max_tries: int = 30) -> tuple[np.ndarray, np.ndarray, dict]:
-    """One synthetic volume: (uint8 image, uint8 mask, what was drawn). ``lesions`` empty: lesion-free."""
-    info: dict = {"head": head.name, "lesions": []}
+           max_tries: int = 30, contrast: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One synthetic volume: (uint8 image, uint8 mask, what was drawn). ``lesions`` empty: lesion-free.
+
+    A label head is rendered with a random T2-like contrast and strong randomisation (for training), or,
+    given ``contrast`` (per-tissue means, :func:`measured_contrast`), with that contrast and only mild
+    changes (a ±5 % bias field, light blur and noise): a test image that looks like a real scan."""
+    info: dict = {"head": head.name, "lesions": [], "contrast": "random" if contrast is None else "measured"}
     if head.tissues is not None:
         tissues = _deform_labels(head.tissues, rng)
         if rng.random() < 0.5:
             tissues = tissues[::-1]          # axis 0 is left-right on the conformed LIA grid
         brain = (tissues >= CSF) & (tissues < HEAD_TISSUES[0])
         work = Head(head.name, head.affine, np.isin(tissues, PARENCHYMA), brain, tissues=tissues)
-        means, stds = _t2_contrast(rng)
+        if contrast is None:
+            means, stds = _t2_contrast(rng)
+        else:
+            means, stds = np.asarray(contrast, np.float32), np.full(NUM_TISSUES, 0.03, np.float32)
         image = means[tissues] + stds[tissues] * ndimage.gaussian_filter(
             rng.standard_normal(SHAPE, dtype=np.float32), 0.7) * 2.0
         white, csf = float(means[WHITE]), float(means[CSF])
@@ -316,22 +353,23 @@ def render(head: Head, lesions: Sequence[LesionSource], rng: np.random.Generator
         mask[box] |= (fraction > 0.5).astype(np.uint8)
         info["lesions"].append({"source": source.path.name, "voxels": int(np.count_nonzero(fraction > 0.5))})
     if head.tissues is not None:
-        image = _randomise(image, rng, info)
+        image = _randomise(image, rng, info, mild=contrast is not None)
     if head.ignore is not None:
         mask[head.ignore & (mask == 0)] = IGNORE
     info["lesion_voxels"] = int(np.count_nonzero(mask == 1))
     return _to_uint8(image), mask, info
 
 
-def _randomise(image: np.ndarray, rng: np.random.Generator, info: dict) -> np.ndarray:
-    bias = np.exp(_smooth_field(rng, SHAPE, 4, rng.uniform(0.05, 0.3)))
+def _randomise(image: np.ndarray, rng: np.random.Generator, info: dict, mild: bool = False) -> np.ndarray:
+    bias = np.exp(_smooth_field(rng, SHAPE, 4, 0.05 if mild else rng.uniform(0.05, 0.3)))
     image = np.clip(image * bias, 0, None)
-    gamma = float(np.exp(rng.normal(0, 0.2)))
+    gamma = 1.0 if mild else float(np.exp(rng.normal(0, 0.2)))
     image = (image / max(float(image.max()), 1e-6)) ** gamma
-    sigma = rng.uniform(0.0, 0.6, 3)
-    sigma[rng.integers(3)] = rng.uniform(0.0, 1.5)        # one thick-slice axis
+    sigma = np.full(3, 0.5) if mild else rng.uniform(0.0, 0.6, 3)
+    if not mild:
+        sigma[rng.integers(3)] = rng.uniform(0.0, 1.5)    # one thick-slice axis
     image = ndimage.gaussian_filter(image, sigma)
-    noise = rng.uniform(0.0, 0.03)
+    noise = 0.01 if mild else rng.uniform(0.0, 0.03)
     image = image + rng.normal(0, noise, SHAPE).astype(np.float32)
     info.update(bias=True, gamma=round(gamma, 3), blur_sigma=[round(float(s), 2) for s in sigma],
                 noise=round(noise, 4))

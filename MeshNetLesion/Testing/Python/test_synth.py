@@ -91,3 +91,19 @@ def test_written_dataset_reads_back_as_training_pairs(real_head, tmp_path, soop)
     assert '"seed": 3' in record and "bwsrsub-" in record
     again = synth.write_dataset(tmp_path / "again", real_head, soop[:20], count=2, seed=3, workers=2)
     assert (load_volume(again.parent / "001_T2w.nii.gz").array == load_volume(pairs[1][0]).array).all()
+
+
+def test_measured_contrast_is_m2265s_own_and_renders_a_lesion_free_head_in_t2_order(arc_volume, arc_result,
+                                                                                     label_head):
+    contrast = synth.measured_contrast(arc_volume.array, arc_result.brain)
+    white, grey, csf = contrast[[synth.WHITE, synth.CORTEX, synth.CSF]]
+    # M2265's brain clusters, relative to its 99.9th percentile (measured: 0.27, 0.52, 0.88)
+    assert 0.2 < white < 0.35 and 0.42 < grey < 0.6 and 0.75 < csf < 0.98
+    assert white < contrast[synth.DEEP_GREY] < grey and contrast[synth.PALLIDUM] < white
+    assert list(contrast[list(synth.HEAD_TISSUES)]) == sorted(contrast[list(synth.HEAD_TISSUES)])
+    image, mask, info = synth.render(label_head, [], np.random.default_rng(9), contrast=contrast)
+    assert info["contrast"] == "measured" and info["gamma"] == 1.0 and not mask.any()
+    # the centre of the head is brain: its three intensity clusters keep M2265's white : grey : CSF ratios
+    centre = image[88:168, 88:168, 88:168].astype(np.float32).ravel()[::7]
+    rendered = synth._clusters(centre)
+    assert np.allclose(rendered / rendered[2], np.array([white, grey, csf]) / csf, atol=0.05)
