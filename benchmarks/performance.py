@@ -1,8 +1,9 @@
-"""Side-by-side performance benchmark: our engine against naive PyTorch, brainchop-cli and the MONAI models
-of the MeshNet paper's Table 1, plus the Slicer module's overhead. Prints tables and writes JSON.
+"""Side-by-side performance benchmark: the default lesion pipeline stage by stage, our engine against naive
+PyTorch, brainchop-cli and the MONAI models of the MeshNet paper's Table 1, plus the Slicer module's
+overhead. Prints tables and writes JSON.
 
     make bench                                   # sets up both environments, then runs this
-    .venv/bin/python benchmarks/performance.py   # --sections meshnet,brainchop --device cuda --size 128
+    .venv/bin/python benchmarks/performance.py   # --sections default,meshnet,brainchop --device cuda --size 128
 
 Every measurement runs in a fresh worker process (``--worker``), so peak resident memory
 (``ru_maxrss``) belongs to that measurement alone and one run cannot warm caches for another.
@@ -32,6 +33,9 @@ BENCH_DIR = ROOT / "benchmarks" / ".work"           # brainchop's private HOME a
 SCAN = "M2265_T2w.nii.gz"                            # ARC chronic stroke T2w, sample-arc-m2265-t2w
 T1 = "t1_crop.nii.gz"                                # sample-t1-crop
 VARIANTS = ("meshnet-5", "meshnet-16", "meshnet-26", "t2lesion-meshnet11")
+# The default pipeline section: the registry's default, its fast single-model choice, the first ARC model.
+PIPELINE_MODELS = ("arc-meshnet26", "arc-meshnet26-r0", "t2lesion-meshnet11")
+STAGES = ("conform", "brain_mask", "standardize", "network", "to_source")
 BRAINCHOP_MODELS = {"tissue_fast": ("model5_gw_ae", "brainchop-tissue-fast"),
                     "subcortical": ("model18cls", "brainchop-subcortical")}
 ZOO = ("segresnet", "unetr", "swinunetr", "vnet", "resunet")
@@ -176,7 +180,8 @@ def work_network(task: dict) -> dict:
 
 
 def work_pipeline(task: dict) -> dict:
-    """Our whole pipeline as the CLI and Slicer run it (Segmenter: conform → head crop → engine → source grid)."""
+    """Our whole pipeline as the CLI and Slicer run it (Segmenter: conform → [brain mask] → crop → engine →
+    source grid); the model load is timed apart (``load_s``)."""
     import torch
 
     from meshnet_lesion import Registry, Segmenter, build_meshnet, load_volume
@@ -191,13 +196,16 @@ def work_pipeline(task: dict) -> dict:
             registry = Registry(cache_dir=Path(tmp) / "cache")
             registry.import_folder(folder, f"bench-{variant}")
             variant = f"bench-{variant}"
+        started = time.perf_counter()
         segmenter = Segmenter(variant, registry=registry, device=task["device"], precision=task["precision"],
-                              brain_mask=task["brain_mask"])
+                              brain_mask=task["brain_mask"])   # None: the model card's choice
+        load_s = time.perf_counter() - started
         started = time.perf_counter()
         result = segmenter.segment(load_volume(SHARED / "mri" / SCAN))
         _sync(task["device"])
         elapsed = time.perf_counter() - started
-    return {"pipeline_s": elapsed, "timings_s": result.timings_s, "lesion_ml": result.lesion_volume_ml,
+    return {"pipeline_s": elapsed, "load_s": load_s, "timings_s": result.timings_s,
+            "lesion_ml": result.lesion_volume_ml, "brain_ml": result.brain_volume_ml if result.brain_mask else None,
             "precision": result.precision, **_memory(task["device"])}
 
 
@@ -323,6 +331,19 @@ class Bench:
         print(f"\nPeak matmul ({self.device}): fp32 {r['fp32_gflops']:.0f} GFLOP/s, bf16 {r['bf16_gflops']:.0f} "
               f"GFLOP/s{'' if r['native_bf16'] else ' (emulated: this CPU has no native bf16)'}")
 
+    def default(self) -> None:
+        """The whole default run, as the CLI and Slicer make it (brain restriction on), stage by stage, beside a
+        plain-PyTorch MeshNet-26 on the whole grid without any brain mask (the goal's yardstick)."""
+        rows = {}
+        for model in PIPELINE_MODELS:
+            rows[model] = self.worker({"kind": "pipeline", "variant": model, "device": self.device,
+                                       "precision": "auto", "brain_mask": None, "label": f"{model} pipeline"})
+        rows["plain PyTorch MeshNet-26, no brain mask"] = self.worker(
+            {"kind": "network", "variant": "meshnet-26", "impl": "naive", "precision": "fp32", "device": self.device,
+             "size": 256, "labels": str(self.tmp / "plain.npy"), "label": "plain PyTorch MeshNet-26 pipeline"})
+        self.results["default"] = rows
+        print_default(rows)
+
     def meshnet(self) -> None:
         import numpy as np
 
@@ -443,6 +464,25 @@ def _ratio(a: dict, b: dict, key: str) -> str:
     return f"{a[key] / b[key]:.1f}×"
 
 
+def print_default(rows: dict) -> None:
+    print("\nThe default pipeline on M2265 (whole run after the model load: load the scan, conform, brain mask, "
+          "standardise, network, back to the source grid)")
+    print(f"{'run':<42}{'total':>9}" + "".join(f"{s:>12}" for s in STAGES) + f"{'lesion':>10}{'RSS':>9}")
+    for name, row in rows.items():
+        if "error" in row:
+            print(f"{name:<42} failed: {row['error']}")
+            continue
+        stages = row.get("timings_s", {})
+        print(f"{name:<42}{_fmt(row, 'pipeline_s'):>9}" + "".join(
+            f"{stages[s]:>10.1f} s" if s in stages else f"{'-':>12}" for s in STAGES)
+            + (f"{row['lesion_ml']:>7.1f} mL" if "lesion_ml" in row else f"{'-':>10}")
+            + f"{_fmt(row, 'peak_rss_gb', 'GB', 2):>9}")
+    plain = rows.get("plain PyTorch MeshNet-26, no brain mask", {})
+    for name in PIPELINE_MODELS:
+        if name in rows and "error" not in rows[name] and "pipeline_s" in plain:
+            print(f"  {name}: {rows[name]['pipeline_s'] / plain['pipeline_s']:.2f}× the plain-PyTorch run's time")
+
+
 def print_meshnet(rows: dict, size: int, fast: str) -> None:
     print(f"\nMeshNet at {size}³ on the conformed ARC scan (network only; peak RSS of the whole process)")
     head = (f"{'model':<20}{'TFLOP':>7}{'naive':>10}{'RSS':>9}{'ours fp32':>11}{'RSS':>9}{'speed-up':>10}"
@@ -519,8 +559,8 @@ def write_results(path: Path, results: dict, sections: list[str]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--sections", default="meshnet,brainchop,zoo,slicer",
-                        help="comma-separated: meshnet, brainchop, zoo, slicer (default: all)")
+    parser.add_argument("--sections", default="default,meshnet,brainchop,zoo,slicer",
+                        help="comma-separated: default, meshnet, brainchop, zoo, slicer (default: all)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="MeshNet variants to run")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--size", type=int, default=256, help="cube edge for networks (256 for the real figures)")
@@ -541,7 +581,7 @@ def main() -> int:
           f"{bench.results['machine']['torch']}; device {args.device}")
     try:
         bench.peak()
-        for section in ("meshnet", "brainchop", "zoo", "slicer"):
+        for section in ("default", "meshnet", "brainchop", "zoo", "slicer"):
             if section in sections:
                 getattr(bench, section)()
     finally:

@@ -172,7 +172,8 @@ def test_arc_meshnet26_through_our_pipeline_is_the_replications_own_result_on_m2
     ours = plain.segment(arc_volume).labels
     assert dice(ours, theirs) >= 0.999
     assert 75 < ours.sum() / 1000 < 83                                    # 79 mL by the replication's recipe
-    # the default (the three restarts' mean, standardised to M2265's own landmarks, inside the brain)
+    # the default (the three restarts' mean, standardised to M2265's own landmarks, on the brain's box + 24
+    # with the rest of the grid as background, inside the brain) against the three on the whole grid
     ensemble = _their_labels_on(arc_volume, np.mean(list(probabilities.values()), axis=0) > 0.5)
     assert arc_result.model_id == "arc-meshnet26"
     assert dice(arc_result.labels, ensemble & arc_result.brain) >= 0.99
