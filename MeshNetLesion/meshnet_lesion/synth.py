@@ -272,7 +272,7 @@ def measured_contrast(t2: np.ndarray, brain: np.ndarray) -> np.ndarray:
 
     Three intensity clusters (1-D k-means) of the brain give white matter, grey matter and CSF, three of
     the head outside the brain give the dark, middle and bright non-brain tissues (matched in order to
-    a label head's T1 terciles: bone and air, muscle, fat and marrow are dark, darker and bright on a
+    a label head's T1 terciles: bone and air, muscle, fat and marrow are darkest, middle and brightest on a
     fast spin-echo T2 as on a T1). Deep grey lies halfway between white and grey, pallidum below white
     (iron), brainstem a little above it. All relative to the brain's 99.9th percentile."""
     t2 = np.asarray(t2, np.float32)
