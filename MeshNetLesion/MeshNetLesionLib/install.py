@@ -9,11 +9,7 @@ from pathlib import Path
 
 import slicer
 
-try:
-    from slicer.i18n import tr as _
-except ImportError:  # slicer-core (headless, no Qt) has no translation layer
-    def _(text: str) -> str:
-        return text
+from .texts import _
 
 # Packages beyond PyTorch that the core needs in Slicer's Python (numpy ships with Slicer).
 REQUIREMENTS_FILE = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"

@@ -19,12 +19,7 @@ from meshnet_lesion.errors import Cancelled, InputError
 
 from . import mrml
 from .job import Launch, RunOptions, SegmentationJob
-
-try:
-    from slicer.i18n import tr as _
-except ImportError:  # slicer-core (headless, no Qt) has no translation layer
-    def _(text: str) -> str:
-        return text
+from .texts import _
 
 MODULE_NAME = "MeshNetLesion"
 SAMPLE_ID = "sample-arc-m2265-t2w"

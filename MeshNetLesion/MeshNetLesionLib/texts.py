@@ -10,7 +10,7 @@ from typing import Any
 
 try:
     from slicer.i18n import tr as _
-except ImportError:  # slicer-core (headless, no Qt) has no translation layer
+except ImportError:  # slicer-core (headless, no Qt) has no translation layer; the Lib's modules import this one
     def _(text: str) -> str:
         return text
 
