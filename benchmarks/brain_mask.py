@@ -25,7 +25,7 @@ from machine import describe, machine  # noqa: E402
 from meshnet_lesion import load_volume  # noqa: E402
 from meshnet_lesion.engine import Engine  # noqa: E402
 from meshnet_lesion.metrics import dice  # noqa: E402
-from meshnet_lesion.pipeline import BRAIN_MODEL_ID, model_grid  # noqa: E402
+from meshnet_lesion.pipeline import BRAIN_MODEL_ID, cropped, model_grid  # noqa: E402
 from meshnet_lesion.postprocess import brain_region  # noqa: E402
 from meshnet_lesion.preprocess import head_box, normalize  # noqa: E402
 from meshnet_lesion.registry import Registry  # noqa: E402
@@ -37,9 +37,9 @@ RESULTS = ROOT / "benchmarks" / "results" / "brain_mask.json"
 def brain(engine: Engine, grid_array: np.ndarray, normalised: np.ndarray, margin: int | None,
           surround: bool) -> tuple[np.ndarray, float, tuple]:
     box = head_box(grid_array, margin)
-    crop = np.ascontiguousarray(normalised[box])
+    crop, outside = cropped(normalised, box)
     tick = time.perf_counter()
-    output = engine.run(crop, surround=normalised.size - crop.size if surround else 0)
+    output = engine.run(crop, surround=outside if surround else 0)
     seconds = time.perf_counter() - tick
     mask = np.zeros(grid_array.shape, bool)
     mask[box] = brain_region(output.labels == 1)

@@ -85,6 +85,9 @@ class Segmenter:
         if self.task == "lesion" and self.spec.num_classes != 2:
             raise ModelError(f"{self.entry.id}: a lesion model must have 2 classes")
         self.restrict = bool(self.entry.postprocess.get("brain_mask", False) if brain_mask is None else brain_mask)
+        # restricted labels let the networks run on the brain's box (exact only without GroupNorm)
+        self.brain_crop = self.restrict and not any(layer.norm == "group" for engine in self.engines
+                                                    for layer in engine.spec.layers)
         if standardize and self.spec.standardization is None:
             raise ModelError(f"{self.entry.id} has no reference landmarks to standardise intensities to")
         self.standardize = (self.restrict and self.spec.standardization is not None) if standardize is None \
@@ -139,12 +142,9 @@ class Segmenter:
                 x, standardized = values, True
             timings["standardize"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        surround = 0
-        if self.restrict and brain.any() and not any(layer.norm == "group" for e in self.engines
-                                                     for layer in e.spec.layers):
-            box = _within(head_box(brain, LESION_BRAIN_MARGIN), box)
-            surround = x.size - int(np.prod([s.stop - s.start for s in box]))
-        x = np.ascontiguousarray(x[box])
+        if self.brain_crop and brain.any():
+            box = head_box(brain, LESION_BRAIN_MARGIN)
+        x, surround = cropped(x, box) if self.brain_crop else (np.ascontiguousarray(x[box]), 0)
         lesion_task = self.task == "lesion"
         ensemble = len(self.engines) > 1
         wanted = [1] if lesion_task else (list(range(self.spec.num_classes)) if probabilities or ensemble else [])
@@ -211,11 +211,10 @@ class Segmenter:
             tick = time.perf_counter()
             brain_grid = model_grid(volume, self.brain_engine.spec.input, grids)
             brain_box = head_box(brain_grid.array, BRAIN_CROP_MARGIN)
-            brain_input = normalize(brain_grid.array, self.brain_engine.spec.normalization)[brain_box]
+            brain_input, surround = cropped(normalize(brain_grid.array, self.brain_engine.spec.normalization), brain_box)
             share = self._share(self.brain_engine)
-            output = self.brain_engine.run(np.ascontiguousarray(brain_input),
-                                           progress=stages.within(position, share, "brain mask"), cancel=stages.cancel,
-                                           surround=brain_grid.array.size - brain_input.size)
+            output = self.brain_engine.run(brain_input, progress=stages.within(position, share, "brain mask"),
+                                           cancel=stages.cancel, surround=surround)
             warnings += output.warnings
             brain = np.zeros(SHAPE, bool)
             brain[brain_box] = brain_region(output.labels == 1)
@@ -255,9 +254,10 @@ def model_grid(volume: Volume, spec: InputSpec, cache: dict[InputSpec, Conformed
     return cache[spec]
 
 
-def _within(box: tuple[slice, ...], outer: tuple[slice, ...]) -> tuple[slice, slice, slice]:
-    """``box`` clipped to ``outer``."""
-    return tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(box, outer))  # type: ignore[return-value]
+def cropped(x: np.ndarray, box: tuple[slice, ...]) -> tuple[np.ndarray, int]:
+    """``x[box]`` as a contiguous array, and how many voxels of ``x`` it leaves out (the engine's ``surround``)."""
+    crop = np.ascontiguousarray(x[box])
+    return crop, x.size - crop.size
 
 
 def _combine(outputs: list[EngineOutput], lesion_task: bool) -> tuple[np.ndarray, np.ndarray | None]:

@@ -79,8 +79,7 @@ def label_head(t1: Volume, subcortical: np.ndarray, brain: np.ndarray, name: str
         lookup[label] = tissue
     tissues[brain] = lookup[subcortical[brain]]
     t1_array = np.asarray(t1.array, np.float32)
-    head = ndimage.binary_fill_holes(ndimage.binary_closing(t1_array > 0.08 * np.percentile(t1_array, 99.5),
-                                                            iterations=2)) & ~brain
+    head = _head_mask(t1_array, 0.08) & ~brain
     cuts = np.percentile(t1_array[head], [33.3, 66.7])
     tissues[head] = np.array(HEAD_TISSUES, np.uint8)[np.digitize(t1_array[head], cuts)]
     return Head(name, t1.affine, np.isin(tissues, PARENCHYMA), brain, tissues=tissues)
@@ -279,13 +278,19 @@ def measured_contrast(t2: np.ndarray, brain: np.ndarray) -> np.ndarray:
     scale = float(np.percentile(t2[brain], 99.9)) or 1.0
     white, grey, csf = _clusters(t2[brain] / scale)
     outside = ndimage.binary_dilation(brain, iterations=2)
-    head = ndimage.binary_fill_holes(ndimage.binary_closing(t2 > 0.05 * np.percentile(t2, 99.5), iterations=2))
+    head = _head_mask(t2, 0.05)
     means = np.zeros(NUM_TISSUES, np.float32)
     means[list(HEAD_TISSUES)] = _clusters(t2[head & ~outside] / scale)
     means[[WHITE, CORTEX, CSF]] = white, grey, csf
     means[[DEEP_GREY, PALLIDUM, STEM]] = (white + grey) / 2, 0.87 * white, 1.1 * white
     means[[CEREBELLUM_GREY, CEREBELLUM_WHITE, LIMBIC]] = grey, white, grey
     return means
+
+
+def _head_mask(image: np.ndarray, fraction: float) -> np.ndarray:
+    """The head: voxels above ``fraction`` of the 99.5th percentile, closed and hole-filled."""
+    return ndimage.binary_fill_holes(ndimage.binary_closing(image > fraction * np.percentile(image, 99.5),
+                                                            iterations=2))
 
 
 def _clusters(values: np.ndarray, k: int = 3, iterations: int = 50) -> np.ndarray:
