@@ -182,6 +182,7 @@ def work_network(task: dict) -> dict:
 def work_pipeline(task: dict) -> dict:
     """Our whole pipeline as the CLI and Slicer run it (Segmenter: conform → [brain mask] → crop → engine →
     source grid); the model load is timed apart (``load_s``)."""
+    import numpy as np
     import torch
 
     from meshnet_lesion import Registry, Segmenter, build_meshnet, load_volume
@@ -204,9 +205,12 @@ def work_pipeline(task: dict) -> dict:
         result = segmenter.segment(load_volume(SHARED / "mri" / SCAN))
         _sync(task["device"])
         elapsed = time.perf_counter() - started
+    if task.get("labels"):
+        np.save(task["labels"], result.labels)
     return {"pipeline_s": elapsed, "load_s": load_s, "timings_s": result.timings_s,
             "lesion_ml": result.lesion_volume_ml, "brain_ml": result.brain_volume_ml if result.brain_mask else None,
-            "precision": result.precision, **_memory(task["device"])}
+            "precision": result.precision, "brain_precision": result.brain_precision,
+            "precision_notes": segmenter.precision_notes, **_memory(task["device"])}
 
 
 def work_command(task: dict) -> dict:
@@ -334,10 +338,21 @@ class Bench:
     def default(self) -> None:
         """The whole default run, as the CLI and Slicer make it (brain restriction on), stage by stage, beside a
         plain-PyTorch MeshNet-26 on the whole grid without any brain mask (the goal's yardstick)."""
+        import numpy as np
+
+        from meshnet_lesion.metrics import dice
+
         rows = {}
         for model in PIPELINE_MODELS:
-            rows[model] = self.worker({"kind": "pipeline", "variant": model, "device": self.device,
-                                       "precision": "auto", "brain_mask": None, "label": f"{model} pipeline"})
+            for precision in ("auto", "fp32"):
+                rows[f"{model} {precision}"] = self.worker(
+                    {"kind": "pipeline", "variant": model, "device": self.device, "precision": precision,
+                     "brain_mask": None, "labels": str(self.tmp / f"{model}.{precision}.npy"),
+                     "label": f"{model} pipeline {precision}"})
+            auto, fp32 = rows[f"{model} auto"], rows[f"{model} fp32"]
+            if "error" not in auto and "error" not in fp32:
+                auto["lesion_dice_vs_fp32"] = dice(np.load(self.tmp / f"{model}.auto.npy") == 1,
+                                                   np.load(self.tmp / f"{model}.fp32.npy") == 1)
         rows["plain PyTorch MeshNet-26, no brain mask"] = self.worker(
             {"kind": "network", "variant": "meshnet-26", "impl": "naive", "precision": "fp32", "device": self.device,
              "size": 256, "labels": str(self.tmp / "plain.npy"), "label": "plain PyTorch MeshNet-26 pipeline"})
@@ -467,20 +482,24 @@ def _ratio(a: dict, b: dict, key: str) -> str:
 def print_default(rows: dict) -> None:
     print("\nThe default pipeline on M2265 (whole run after the model load: load the scan, conform, brain mask, "
           "standardise, network, back to the source grid)")
-    print(f"{'run':<42}{'total':>9}" + "".join(f"{s:>12}" for s in STAGES) + f"{'lesion':>10}{'RSS':>9}")
+    print("(auto: the precision `auto` chose per network on this machine, lesion/brain; fp32: today's exact path)")
+    print(f"{'run':<42}{'total':>9}" + "".join(f"{s:>12}" for s in STAGES)
+          + f"{'lesion':>10}{'precision':>12}{'Dice/fp32':>10}{'RSS':>9}")
     for name, row in rows.items():
         if "error" in row:
             print(f"{name:<42} failed: {row['error']}")
             continue
         stages = row.get("timings_s", {})
+        precision = row.get("precision", "") + (f"/{row['brain_precision']}" if row.get("brain_precision") else "")
         print(f"{name:<42}{_fmt(row, 'pipeline_s'):>9}" + "".join(
             f"{stages[s]:>10.1f} s" if s in stages else f"{'-':>12}" for s in STAGES)
-            + (f"{row['lesion_ml']:>7.1f} mL" if "lesion_ml" in row else f"{'-':>10}")
+            + (f"{row['lesion_ml']:>7.1f} mL" if "lesion_ml" in row else f"{'-':>10}") + f"{precision:>12}"
+            + (f"{row['lesion_dice_vs_fp32']:>10.4f}" if "lesion_dice_vs_fp32" in row else f"{'':>10}")
             + f"{_fmt(row, 'peak_rss_gb', 'GB', 2):>9}")
     plain = rows.get("plain PyTorch MeshNet-26, no brain mask", {})
-    for name in PIPELINE_MODELS:
-        if name in rows and "error" not in rows[name] and "pipeline_s" in plain:
-            print(f"  {name}: {rows[name]['pipeline_s'] / plain['pipeline_s']:.2f}× the plain-PyTorch run's time")
+    for name, row in rows.items():
+        if name != "plain PyTorch MeshNet-26, no brain mask" and "pipeline_s" in row and "pipeline_s" in plain:
+            print(f"  {name}: {row['pipeline_s'] / plain['pipeline_s']:.2f}× the plain-PyTorch run's time")
 
 
 def print_meshnet(rows: dict, size: int, fast: str) -> None:

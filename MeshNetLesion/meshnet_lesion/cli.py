@@ -2,6 +2,8 @@
 
     meshnet-lesion segment T2.nii.gz -o lesion.nii.gz --report report.json
     meshnet-lesion segment sub-*.nii.gz -o results/          # batch: the model is loaded once
+    meshnet-lesion segment BIDS_DIR -o DERIV_DIR [--shard 0/4]  # a study: BIDS derivatives, resumable
+    meshnet-lesion report DERIV_DIR                           # the cohort's table and QC mosaic
     meshnet-lesion models list | show ID | fetch ID | import FOLDER | remove ID | clear-cache
 """
 from __future__ import annotations
@@ -59,30 +61,47 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    seg = commands.add_parser("segment", help="segment one or more scans")
-    seg.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="NIfTI, NRRD or MGH scan(s)")
+    seg = commands.add_parser("segment", help="segment one or more scans, a BIDS dataset or a CSV manifest")
+    seg.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
+                     help="NIfTI, NRRD or MGH scan(s); or one BIDS folder; or one CSV with input,output columns")
     seg.add_argument("-o", "--output", required=True, type=Path,
-                     help="label map file (one input) or an existing folder (several inputs)")
-    seg.add_argument("--model", default=None, help="registry id (default: the registry's default lesion model)")
-    seg.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    seg.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                     help="auto = fp16 on CUDA, fp32 elsewhere")
-    mask = seg.add_mutually_exclusive_group()
-    mask.add_argument("--no-brain-mask", dest="brain_mask", action="store_false", default=None,
-                      help="skip brain extraction: lesions are not restricted to the brain and intensities are "
-                           "not standardised (both on by default for lesion models)")
-    mask.add_argument("--brain-mask", dest="brain_mask", action="store_true", help="restrict labels to the brain")
-    seg.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
-                     help="feed the model its normalised scan as it is, without mapping the brain's intensities "
-                          "onto the model's reference landmarks")
-    seg.add_argument("--min-lesion-ml", type=float, default=0.0, help="drop lesion components smaller than this")
+                     help="label map file (one input), an existing folder (several inputs), or the derivatives "
+                          "folder (BIDS)")
+    _model_options(seg)
     seg.add_argument("--probabilities", type=Path, help="also write the probability map (file, or folder in batch)")
     seg.add_argument("--report", type=Path, help="write a JSON report (file, or folder in batch)")
     seg.add_argument("--preview", type=Path, help="write a PNG with the labels outlined (file, or folder in batch)")
-    seg.add_argument("--no-crop", action="store_true", help="run on the whole 256³ grid instead of the head box")
     seg.add_argument("-q", "--quiet", action="store_true",
                      help="no progress (bar, stage lines, download messages); the result line stays")
+    study = _study_options(seg)
+    study.add_argument("--shard", metavar="I/N", help="every N-th scan from the I-th (0-based); default: the Slurm "
+                       "array task's share when SLURM_ARRAY_TASK_ID/COUNT are set, else all")
     seg.set_defaults(handler=_segment)
+
+    submitter = commands.add_parser("submit", help="a BIDS study as a Slurm job array (submitit; --local runs "
+                                    "the same jobs on this machine)")
+    submitter.add_argument("bids", type=Path, metavar="BIDS_DIR")
+    submitter.add_argument("-o", "--output", required=True, type=Path, help="the derivatives folder")
+    _model_options(submitter)
+    _study_options(submitter)
+    cluster = submitter.add_argument_group("the job array")
+    cluster.add_argument("--slurm-partition", help="Slurm partition (required unless --local)")
+    cluster.add_argument("--array-parallelism", type=int, default=16, help="array tasks running at once")
+    cluster.add_argument("--scans-per-task", type=int, default=10,
+                         help="scans per array task (each task loads the model once)")
+    cluster.add_argument("--gpus-per-task", type=int, default=0)
+    cluster.add_argument("--cpus-per-task", type=int, default=4)
+    cluster.add_argument("--mem-gb", type=int, default=12)
+    cluster.add_argument("--timeout-min", type=int, default=240)
+    cluster.add_argument("--local", action="store_true", help="submitit's local executor: the jobs run here")
+    cluster.add_argument("--wait", action="store_true", help="wait for the jobs and report how they ended")
+    submitter.set_defaults(handler=_submit)
+
+    reporter = commands.add_parser("report", help="a study's table (TSV) and QC mosaic from its derivatives")
+    reporter.add_argument("derivatives", type=Path, help="the folder `segment BIDS_DIR -o` wrote")
+    reporter.add_argument("--tsv", type=Path, help="default: DERIVATIVES/lesions.tsv")
+    reporter.add_argument("--mosaic", type=Path, help="default: DERIVATIVES/lesions_mosaic.png")
+    reporter.set_defaults(handler=_report)
 
     models = commands.add_parser("models", help="list, fetch, import or remove models")
     actions = models.add_subparsers(dest="action", required=True)
@@ -236,10 +255,48 @@ def _refuse_shared_paths(plans: list[dict[str, Path | None]]) -> None:
             seen[key] = name
 
 
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    """The model and how it runs (``segment`` and ``submit``)."""
+    parser.add_argument("--model", default=None, help="registry id (default: the registry's default lesion model)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                        help="auto = fp16 on CUDA; on a CPU with native bf16, bf16 for each network it measures "
+                             "faster (once per CPU, remembered in the cache), else fp32")
+    mask = parser.add_mutually_exclusive_group()
+    mask.add_argument("--no-brain-mask", dest="brain_mask", action="store_false", default=None,
+                      help="skip brain extraction: lesions are not restricted to the brain and intensities are "
+                           "not standardised (both on by default for lesion models)")
+    mask.add_argument("--brain-mask", dest="brain_mask", action="store_true", help="restrict labels to the brain")
+    parser.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
+                        help="feed the model its normalised scan as it is, without mapping the brain's intensities "
+                             "onto the model's reference landmarks")
+    parser.add_argument("--min-lesion-ml", type=float, default=0.0, help="drop lesion components smaller than this")
+    parser.add_argument("--no-crop", action="store_true", help="run on the whole 256³ grid instead of the head box")
+
+
+def _study_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Which scans of a study and which outputs (``segment`` on a BIDS folder, and ``submit``)."""
+    study = parser.add_argument_group("a study (BIDS folder or CSV manifest)")
+    study.add_argument("--participant-label", nargs="+", default=[], metavar="LABEL", help="only these subjects")
+    study.add_argument("--session-label", nargs="+", default=[], metavar="LABEL", help="only these sessions")
+    study.add_argument("--acq", nargs="+", default=[], metavar="LABEL",
+                       help="only these T2w acquisitions (default: all, but a session's 3D SPACE T2w rather than "
+                            "its others, e.g. ARC's spc3p2 rather than tse3)")
+    study.add_argument("--probseg", action="store_true", help="also write *_desc-lesion_probseg.nii.gz")
+    study.add_argument("--overwrite", action="store_true", help="segment again scans whose outputs are current")
+    return study
+
+
 def _segment(args: argparse.Namespace) -> int:
     from .pipeline import Segmenter
     from .volume import load_volume
 
+    if len(args.inputs) == 1 and (args.inputs[0].is_dir() or args.inputs[0].suffix.lower() == ".csv"):
+        return _segment_study(args)
+    if args.participant_label or args.session_label or args.acq or args.probseg or args.shard or args.overwrite:
+        raise InputError("--participant-label, --session-label, --acq, --probseg, --shard and --overwrite are for "
+                         "a BIDS folder or a CSV manifest")
     plans = _plan(args)
     remove_leftovers({path.parent for plan in plans for role, path in plan.items() if role != "input" and path})
     interactive = sys.stderr.isatty()
@@ -269,6 +326,124 @@ def _segment(args: argparse.Namespace) -> int:
         print(f"{plan['input']}: {summary} -> {plan['output']} ({result.timings_s['total']:.1f} s, {result.device})",
               flush=True)
     return EXIT_BAD_INPUT if failures else 0
+
+
+def _segment_study(args: argparse.Namespace) -> int:
+    """A BIDS dataset or manifest: every scan as an idempotent job (:mod:`.cohort`), the model loaded once."""
+    from . import cohort
+    from .pipeline import Segmenter
+
+    source = args.inputs[0]
+    if any(getattr(args, flag) is not None for flag in ("probabilities", "report", "preview")):
+        raise InputError("with a BIDS folder or manifest, outputs follow the derivatives layout: use --probseg "
+                         "instead of --probabilities; sidecars and previews are always written")
+    if source.is_dir():
+        output, dataset = args.output.resolve(), source.resolve()
+        if output == dataset or (dataset in output.parents and (dataset / "derivatives") not in output.parents):
+            raise InputError("the derivatives folder must be outside the dataset or inside its derivatives/ "
+                             "(e.g. BIDS_DIR/derivatives/meshnet-lesion); the raw data is never written to")
+        found = cohort.find_bids(source, args.output, args.participant_label, args.session_label, args.acq)
+    else:
+        found = cohort.read_manifest(source)
+    scans = cohort.shard_of(found.scans, args.shard)
+    if not found.scans:
+        raise InputError(f"{source}: no T2w image matches (sub-*/[ses-*/]anat/*_T2w.nii[.gz] and the filters)")
+    cohort.dataset_description(args.output, source if source.is_dir() else None)
+    for image, reason in found.skipped:
+        _error_free_note(f"skipped {image}: {reason}", args.quiet)
+    if args.quiet:
+        import pooch
+
+        pooch.get_logger().setLevel(logging.WARNING)
+    segmenter = Segmenter(args.model, device=args.device, precision=args.precision, brain_mask=args.brain_mask,
+                          standardize=args.standardize, min_lesion_ml=args.min_lesion_ml,
+                          crop_margin=None if args.no_crop else "auto",
+                          download_progress=None if args.quiet else _download_printer())
+    options = {"brain_mask": args.brain_mask, "standardize": args.standardize, "min_lesion_ml": args.min_lesion_ml,
+               "crop": not args.no_crop, "precision": args.precision}
+    runner = cohort.Cohort(segmenter, args.output, options, probseg=args.probseg, overwrite=args.overwrite)
+    tally = runner.run(scans, _StudyProgress(sys.stderr.isatty(), args.quiet))
+    print(f"{tally.total} scan(s): {tally.done} segmented, {tally.skipped} already current, {tally.failed} failed"
+          + (f" (see {args.output / 'logs' / 'failed'})" if tally.failed else ""), file=sys.stderr, flush=True)
+    return EXIT_BAD_INPUT if tally.failed else 0
+
+
+def _error_free_note(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"meshnet-lesion: {message}", file=sys.stderr)
+
+
+class _StudyProgress:
+    """One line per scan: for people on a terminal (done / failed / left, ETA), else JSON for machines."""
+
+    def __init__(self, interactive: bool, quiet: bool) -> None:
+        self.interactive, self.quiet = interactive, quiet
+
+    def __call__(self, status: str, scan, tally, details: dict) -> None:
+        from .cohort import describe_eta
+
+        if self.interactive and not self.quiet:
+            figure = (f": {details['lesion_volume_ml']:.1f} mL" if status == "done"
+                      else f": {details['error']}" if status == "failed" else "")
+            print(f"[{tally.done + tally.skipped + tally.failed}/{tally.total}] {status} {scan.label}{figure} · "
+                  f"{tally.failed} failed, {tally.left} left, {describe_eta(tally.eta())}", file=sys.stderr,
+                  flush=True)
+        elif not self.interactive:
+            record = {"status": status, "input": str(scan.source), "output": str(scan.mask),
+                      "done": tally.done, "skipped": tally.skipped, "failed": tally.failed, "left": tally.left}
+            if "lesion_volume_ml" in details:
+                record["lesion_volume_ml"] = details["lesion_volume_ml"]
+            if "error" in details:
+                record["error"] = details["error"]
+            print(json.dumps(record), flush=True)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from . import cohort, submit
+
+    if not args.local and not args.slurm_partition:
+        raise InputError("submit needs --slurm-partition (or --local to run the jobs on this machine)")
+    if args.scans_per_task < 1 or args.array_parallelism < 1:
+        raise InputError("--scans-per-task and --array-parallelism must be at least 1")
+    scans = cohort.find_bids(args.bids, args.output, args.participant_label, args.session_label, args.acq).scans
+    if not scans:
+        raise InputError(f"{args.bids}: no T2w image matches the filters")
+    argv = ["segment", str(args.bids.resolve()), "-o", str(args.output.resolve()), "--device", args.device,
+            "--precision", args.precision, "--min-lesion-ml", str(args.min_lesion_ml)]
+    argv += ["--model", args.model] if args.model else []
+    argv += [] if args.brain_mask is None else ["--brain-mask" if args.brain_mask else "--no-brain-mask"]
+    argv += ["--no-standardize"] if args.standardize is False else []
+    argv += ["--no-crop"] if args.no_crop else []
+    for flag, values in (("--participant-label", args.participant_label), ("--session-label", args.session_label),
+                         ("--acq", args.acq)):
+        argv += [flag, *values] if values else []
+    argv += [flag for flag, on in (("--probseg", args.probseg), ("--overwrite", args.overwrite)) if on]
+    tasks = -(-len(scans) // args.scans_per_task)
+    cohort.dataset_description(args.output, args.bids)
+    jobs = submit.submit_array(argv, tasks, args.output / "logs" / "submitit", local=args.local,
+                               partition=args.slurm_partition, parallelism=args.array_parallelism,
+                               gpus=args.gpus_per_task, cpus=args.cpus_per_task, mem_gb=args.mem_gb,
+                               timeout_min=args.timeout_min)
+    print(f"submitted {tasks} task(s) for {len(scans)} scan(s): job {jobs[0].job_id.split('_')[0]} "
+          f"(logs in {args.output / 'logs' / 'submitit'})", flush=True)
+    if not args.wait:
+        return 0
+    codes = [job.result() for job in jobs]
+    print(f"{codes.count(0)} of {tasks} task(s) ended cleanly" + (
+        "; run `meshnet-lesion report` for the failed scans" if any(codes) else ""), flush=True)
+    return EXIT_BAD_INPUT if any(codes) else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .cohort_report import collect, summary_lines, write_mosaic, write_tsv
+
+    rows = collect(args.derivatives)
+    tsv = write_tsv(rows, args.tsv or args.derivatives / "lesions.tsv")
+    mosaic = write_mosaic(rows, args.derivatives, args.mosaic or args.derivatives / "lesions_mosaic.png")
+    for line in summary_lines(rows):
+        print(line)
+    print(f"wrote {tsv}" + (f" and {mosaic}" if mosaic else ""))
+    return 0
 
 
 def _write_outputs(plan, volume, result, segmenter) -> None:

@@ -52,7 +52,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[str, list[str]]:
-    """The precision to run and any warning. ``auto``: fp16 on CUDA, fp32 elsewhere (reproducible)."""
+    """The precision to run and any warning. ``auto``: fp16 on CUDA, fp32 elsewhere (the engine's own rule;
+    the pipeline's ``auto`` may measure bf16 faster on a CPU that has it: see :mod:`.calibration`)."""
     if precision == "auto":
         return ("fp16" if device.type == "cuda" else "fp32"), []
     if precision not in PRECISIONS:

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from ._version import __version__
+from .calibration import auto_precision
 from .conform import SHAPE, Conformed, between_grids, conform, reorient, to_source, zoom_to_grid
+from .devices import resolve_device
 from .engine import Engine, EngineOutput, memory_estimate
 from .errors import InputError, ModelError, ResourceError
 from .postprocess import brain_region, labels_to_source, lesion_to_source
@@ -27,7 +29,7 @@ from .preprocess import CROP_MARGIN, head_box, normalize, standardize
 from .progress import CancelToken, Progress, ProgressCallback
 from .registry import DownloadProgress, Entry, Registry
 from .result import SegmentationResult
-from .spec import InputSpec, ModelSpec
+from .spec import InputSpec, LoadedModel, ModelSpec
 from .volume import Volume, validate
 
 BRAIN_MODEL_ID = "brainchop-mindgrab"
@@ -73,7 +75,8 @@ class Segmenter:
         if min_lesion_ml < 0:
             raise InputError("the minimum lesion size cannot be negative")
         started = time.perf_counter()
-        self.engines = [Engine(self.registry.load(member, download_progress), device, precision)
+        self.precision_notes: dict[str, str] = {}   # network -> how ``auto`` chose its precision
+        self.engines = [self._engine(member.id, self.registry.load(member, download_progress), device, precision)
                         for member in self.registry.members(self.entry)]
         self.spec: ModelSpec = self.engines[0].spec
         def convention(spec: ModelSpec) -> tuple:
@@ -95,11 +98,19 @@ class Segmenter:
         self.brain_engine: Engine | None = None
         if self.restrict or self.standardize:
             brain_entry = self.registry.get(BRAIN_MODEL_ID)
-            self.brain_engine = Engine(self.registry.load(brain_entry, download_progress), device, precision)
+            self.brain_engine = self._engine(brain_entry.id, self.registry.load(brain_entry, download_progress),
+                                             device, precision)
         self.min_lesion_ml = float(min_lesion_ml)
         self.crop_margin = (self.entry.card.get("inference", {}).get("crop_margin", CROP_MARGIN)
                             if crop_margin == "auto" else crop_margin)
         self.load_seconds = time.perf_counter() - started
+
+    def _engine(self, name: str, model: LoadedModel, device: str, precision: str) -> Engine:
+        """An engine for one network; ``auto`` precision is the faster one measured on this CPU (see calibration)."""
+        if precision == "auto":
+            precision, self.precision_notes[name] = auto_precision(model, resolve_device(device),
+                                                                   self.registry.cache_dir)
+        return Engine(model, device, precision)
 
     @property
     def device(self) -> str:
@@ -176,6 +187,7 @@ class Segmenter:
                                   model_files={f.name: f.sha256 for member in self.registry.members(self.entry)
                                                for f in member.files},
                                   brain_model=BRAIN_MODEL_ID if self.brain_engine is not None else None,
+                                  brain_precision=None if self.brain_engine is None else self.brain_engine.precision,
                                   software={"meshnet_lesion": __version__, "torch": torch.__version__},
                                   created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 

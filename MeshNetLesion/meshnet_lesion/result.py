@@ -36,6 +36,7 @@ class SegmentationResult:
     model_version: str = ""
     model_files: dict[str, str] = field(default_factory=dict)  # file name -> SHA-256 (every ensemble member's)
     brain_model: str | None = None   # the brain-extraction model, when one ran
+    brain_precision: str | None = None   # the precision it ran in
     software: dict[str, str] = field(default_factory=dict)
     created: str = ""                # UTC, ISO 8601
     summary: dict[str, Any] | None = None  # :meth:`summarize`, computed once (in the worker, for the Slicer module)
@@ -121,6 +122,7 @@ class SegmentationResult:
             "class_volumes_ml": summary["class_volumes_ml"],
             "brain_mask": self.brain_mask,
             "brain_mask_model": self.brain_model,
+            "brain_mask_precision": self.brain_precision,
             "brain_volume_ml": summary["brain_volume_ml"],
             "standardized": self.standardized,
             "min_lesion_ml": self.min_lesion_ml,

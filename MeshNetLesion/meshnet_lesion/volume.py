@@ -176,6 +176,7 @@ def _save_nifti(tmp: str, array: np.ndarray, affine: np.ndarray, label: bool) ->
     image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
     image.header.set_qform(affine, code=1)
     image.header.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm")                  # the affine is in mm (BIDS validators check it)
     if label:
         image.header.set_intent(NIFTI_INTENT_LABEL)
     nib.save(image, tmp)

@@ -1,0 +1,355 @@
+"""A whole study in one command: BIDS (or a CSV manifest) in, BIDS derivatives out; resumable and shardable.
+
+The BIDS-App way (fMRIPrep's pattern): every scan is an independent, idempotent job. A scan whose
+label map and sidecar already exist, and whose sidecar records the same input (SHA-256), model
+(files' SHA-256) and options, is skipped; each scan's files are published together, the sidecar last,
+so a killed run leaves no partial scan and resumes where it stopped. ``--shard i/N`` (or a Slurm job
+array's ``SLURM_ARRAY_TASK_ID`` / ``SLURM_ARRAY_TASK_COUNT``) takes every N-th scan of the sorted
+list, so N processes together cover each scan exactly once, each loading the model once.
+
+Why not pybids: it indexes the whole dataset into SQLite (slow on large cohorts, a heavy dependency
+with SQLAlchemy) while this needs only ``sub-*/[ses-*/]anat/*_T2w.nii[.gz]`` and the entities in a
+file name, which BIDS defines exactly.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._version import __version__
+from .errors import InputError, MeshNetLesionError
+from .outputs import OutputSet, atomic_file, remove_leftovers
+
+BIDS_VERSION = "1.9.0"
+PIPELINE_NAME = "meshnet-lesion"
+# 3D SPACE T2w, what the ARC-trained models saw (ARC's ``acq-spc3p2`` / ``acq-spc3``); preferred over
+# other T2w acquisitions of the same session (ARC's turbo spin echo ``acq-tse3``).
+SPACE_MARKERS = ("spc", "space")
+_ENTITY = re.compile(r"^([a-zA-Z0-9]+)-([a-zA-Z0-9+]+)$")
+_NIFTI = (".nii.gz", ".nii")
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One T2w image to segment and where its outputs go."""
+
+    source: Path
+    mask: Path                      # the label map; the sidecar is beside it (.json)
+    probseg: Path
+    preview: Path
+    subject: str = ""
+    session: str = ""
+    relative: str = ""             # the source's path inside its BIDS dataset ("" for a manifest row)
+
+    @property
+    def sidecar(self) -> Path:
+        return self.mask.with_name(_stem(self.mask) + ".json")
+
+    @property
+    def label(self) -> str:
+        return self.relative or str(self.source)
+
+
+@dataclass
+class Discovery:
+    scans: list[Scan]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)   # images left out, and why
+
+
+def entities(path: Path) -> tuple[dict[str, str], str]:
+    """A BIDS file name's entities (in order) and its suffix: ``sub-1_ses-2_T2w.nii.gz`` -> ({sub, ses}, T2w)."""
+    *pairs, suffix = _stem(path).split("_")
+    found = {}
+    for pair in pairs:
+        match = _ENTITY.match(pair)
+        if not match:
+            raise InputError(f"{path}: '{pair}' is not a BIDS key-value entity")
+        found[match.group(1)] = match.group(2)
+    return found, suffix
+
+
+def find_bids(root: Path, output: Path, participants: Sequence[str] = (), sessions: Sequence[str] = (),
+              acquisitions: Sequence[str] = ()) -> Discovery:
+    """The T2w images of a BIDS dataset, filtered, and their derivative paths under ``output``.
+
+    Without ``acquisitions``, a session with a 3D SPACE T2w (``acq-`` containing "spc" or "space") and
+    other T2w images keeps only the SPACE ones (the others are listed as skipped, with the reason).
+    """
+    root = Path(root)
+    if not root.is_dir() or not any(root.glob("sub-*")):
+        raise InputError(f"{root}: not a BIDS dataset (no sub-* folders)")
+    wanted_subjects = {p.removeprefix("sub-") for p in participants}
+    wanted_sessions = {s.removeprefix("ses-") for s in sessions}
+    wanted_acq = {a.removeprefix("acq-") for a in acquisitions}
+    images = sorted(p for pattern in ("sub-*/anat/*_T2w.nii*", "sub-*/ses-*/anat/*_T2w.nii*")
+                    for p in root.glob(pattern) if p.name.endswith(_NIFTI))
+    chosen: dict[tuple[str, str], list[tuple[Path, dict[str, str]]]] = {}
+    skipped = []
+    for image in images:
+        found, _ = entities(image)
+        subject, session = found.get("sub", ""), found.get("ses", "")
+        if wanted_subjects and subject not in wanted_subjects:
+            continue
+        if wanted_sessions and session not in wanted_sessions:
+            continue
+        if wanted_acq and found.get("acq", "") not in wanted_acq:
+            continue
+        chosen.setdefault((subject, session), []).append((image, found))
+    scans = []
+    for (subject, session), group in sorted(chosen.items()):
+        space = [any(marker in found.get("acq", "").lower() for marker in SPACE_MARKERS) for _, found in group]
+        if not wanted_acq and any(space) and not all(space):
+            skipped += [(image, "a 3D SPACE T2w of the same session is segmented instead (choose with --acq)")
+                        for (image, _), is_space in zip(group, space) if not is_space]
+            group = [item for item, is_space in zip(group, space) if is_space]
+        for image, found in group:
+            folder = output / f"sub-{subject}" / (f"ses-{session}" if session else "") / "anat"
+            name = "_".join(f"{key}-{value}" for key, value in found.items())
+            scans.append(Scan(image, folder / f"{name}_desc-lesion_mask.nii.gz",
+                              folder / f"{name}_desc-lesion_probseg.nii.gz",
+                              output / f"sub-{subject}" / "figures" / f"{name}_desc-lesion_mask.png",
+                              subject, session, image.relative_to(root).as_posix()))
+    return Discovery(scans, skipped)
+
+
+def read_manifest(path: Path) -> Discovery:
+    """A CSV with ``input,output`` columns (the label map's path); the other outputs go beside it."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise InputError(f"{path}: cannot read the manifest ({error})") from error
+    if not rows or not {"input", "output"} <= set(rows[0]):
+        raise InputError(f"{path}: a manifest needs a header with 'input' and 'output' columns and at least one row")
+    base = path.parent
+    scans = []
+    for row in rows:
+        source, mask = (Path(row[key]) if Path(row[key]).is_absolute() else base / row[key]
+                        for key in ("input", "output"))
+        stem = _stem(mask)
+        scans.append(Scan(source, mask, mask.with_name(f"{stem}_probseg.nii.gz"), mask.with_name(f"{stem}.png")))
+    return Discovery(scans)
+
+
+def shard_of(scans: Sequence[Scan], shard: str | None, environ: dict[str, str] | None = None) -> list[Scan]:
+    """Every N-th scan for shard ``i/N`` (0 ≤ i < N), else for this Slurm array task, else all."""
+    environ = os.environ if environ is None else environ
+    if shard is None and "SLURM_ARRAY_TASK_ID" in environ and "SLURM_ARRAY_TASK_COUNT" in environ:
+        first = int(environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        shard = f"{int(environ['SLURM_ARRAY_TASK_ID']) - first}/{environ['SLURM_ARRAY_TASK_COUNT']}"
+    if shard is None:
+        return list(scans)
+    match = re.fullmatch(r"(\d+)/(\d+)", shard.strip())
+    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
+        raise InputError(f"--shard '{shard}': use I/N with 0 <= I < N (e.g. 0/4)")
+    index, count = int(match.group(1)), int(match.group(2))
+    return list(scans[index::count])
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dataset_description(output: Path, source: Path | None) -> None:
+    """Write the derivative dataset's description (once; several shards may race, each write is atomic)."""
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / "dataset_description.json"
+    if path.exists():
+        return
+    description = {
+        "Name": "MeshNetLesion lesion masks",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": PIPELINE_NAME, "Version": __version__,
+                         "Description": "Chronic stroke lesion masks from T2-weighted MRI with MeshNet",
+                         "CodeURL": "https://github.com/neuroneural/MeshNetLesion"}],
+    }
+    if source is not None:
+        description["SourceDatasets"] = [{"URL": Path(source).resolve().as_uri()}]
+        description["DatasetLinks"] = {"raw": Path(source).resolve().as_uri()}
+    with atomic_file(path) as partial:
+        partial.write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+    extras = {".bidsignore": "logs/\nsub-*/figures\nlesions.tsv\nlesions_mosaic.png\n",   # ours, not BIDS files
+              "README.md": README}
+    for name, text in extras.items():
+        if not (output / name).exists():
+            with atomic_file(output / name) as partial:
+                partial.write_text(text, encoding="utf-8")
+
+
+README = """# MeshNetLesion lesion masks
+
+Chronic stroke lesion masks segmented from the T2-weighted images of the source dataset by
+`meshnet-lesion segment` (MeshNet). Each `*_desc-lesion_mask.nii.gz` is on its source image's grid
+(0 background, 1 lesion); its JSON sidecar records the model, its files' SHA-256, the input's SHA-256,
+the options, volumes and timings. `sub-*/figures/` holds a preview per scan; `logs/failed/` the scans
+that could not be segmented. Research software: not for clinical use.
+"""
+
+
+@dataclass
+class Tally:
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    total: int = 0
+    seconds: float = 0.0        # spent on the scans that ran
+
+    @property
+    def left(self) -> int:
+        return self.total - self.done - self.skipped - self.failed
+
+    def eta(self) -> float | None:
+        ran = self.done + self.failed
+        return None if not ran else self.seconds / ran * self.left
+
+
+class Cohort:
+    """Runs a list of scans with one loaded :class:`~.pipeline.Segmenter`; see the module's docstring."""
+
+    def __init__(self, segmenter, output: Path, options: dict[str, Any], *, probseg: bool = False,
+                 overwrite: bool = False) -> None:
+        self.segmenter = segmenter
+        self.output = Path(output)
+        self.options = options
+        self.probseg = probseg
+        self.overwrite = overwrite
+        self.model = {"id": segmenter.entry.id, "version": str(segmenter.entry.card.get("version", "")),
+                      "files_sha256": {f.name: f.sha256 for member in segmenter.registry.members(segmenter.entry)
+                                       for f in member.files}}
+
+    def signature(self, input_sha256: str) -> str:
+        """What decides a scan's result: its input, the model's files and the options (not the machine)."""
+        text = json.dumps({"input": input_sha256, "model": self.model, "options": self.options,
+                           "probseg": self.probseg}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def is_current(self, scan: Scan, signature: str) -> bool:
+        if self.overwrite or not scan.mask.exists() or (self.probseg and not scan.probseg.exists()):
+            return False
+        try:
+            recorded = json.loads(scan.sidecar.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return recorded.get(PIPELINE_NAME, {}).get("signature") == signature
+
+    def run(self, scans: Sequence[Scan], report: Callable[[str, Scan, Tally, dict], None] | None = None) -> Tally:
+        """Segment each scan not already current; a failed scan is recorded (``logs/failed``) and the rest go on."""
+        from .volume import load_volume
+
+        remove_leftovers({folder for scan in scans for folder in (scan.mask.parent, scan.preview.parent)})
+        tally = Tally(total=len(scans))
+        for scan in scans:
+            started = time.perf_counter()
+            details: dict[str, Any] = {}
+            try:
+                signature = self.signature(file_sha256(scan.source))
+                if self.is_current(scan, signature):
+                    tally.skipped += 1
+                    status = "skipped"
+                else:
+                    volume = load_volume(scan.source)
+                    result = self.segmenter.segment(volume, probabilities=self.probseg)
+                    details = self._write(scan, volume, result, signature)
+                    self._forget_failure(scan)
+                    tally.done += 1
+                    status = "done"
+            except MeshNetLesionError as error:
+                details = {"error": str(error)}
+                self._record_failure(scan, str(error))
+                tally.failed += 1
+                status = "failed"
+            except OSError as error:
+                details = {"error": f"{error.strerror or error}: {error.filename or scan.source}"}
+                self._record_failure(scan, details["error"])
+                tally.failed += 1
+                status = "failed"
+            if status != "skipped":
+                tally.seconds += time.perf_counter() - started
+            if report is not None:
+                report(status, scan, tally, details)
+        return tally
+
+    def _write(self, scan: Scan, volume, result, signature: str) -> dict[str, Any]:
+        from .preview import write_preview
+        from .volume import save_volume
+
+        summary = result.summarize()
+        largest = summary.get("largest_lesion") or {}
+        ours = {
+            "signature": signature,
+            "status": "done",
+            "model": self.model["id"], "model_version": self.model["version"],
+            "model_files_sha256": self.model["files_sha256"],
+            "input_sha256": file_sha256(scan.source),
+            "options": self.options,
+            "lesion_volume_ml": summary["lesion_volume_ml"],
+            "lesion_components": summary["lesion_components"],
+            "hemisphere": largest.get("hemisphere"),
+            "brain_volume_ml": summary["brain_volume_ml"],
+            "device": result.device, "precision": result.precision, "brain_mask_precision": result.brain_precision,
+            "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
+            "warnings": result.warnings,
+            "software": {**result.software, "python": sys.version.split()[0]},
+            "created": result.created,
+        }
+        source = f"bids:raw:{scan.relative}" if scan.relative else str(scan.source)
+        sidecar = {"Type": "Lesion", "Description": f"chronic stroke lesion segmented by {self.model['id']}",
+                   "Sources": [source], "RawSources": [scan.relative or str(scan.source)],
+                   "SpatialReference": source, PIPELINE_NAME: ours}
+        title = f"{scan.subject or scan.source.name}: lesion {summary['lesion_volume_ml']:.1f} mL"
+        with OutputSet() as outputs:
+            for path in (scan.mask, scan.preview, scan.probseg):
+                path.parent.mkdir(parents=True, exist_ok=True)
+            save_volume(outputs.stage(scan.mask), result.labels, result.affine, label=True)
+            if self.probseg:
+                save_volume(outputs.stage(scan.probseg), result.probabilities.astype("float32"), result.affine)
+            if importlib.util.find_spec("matplotlib") is not None:   # the optional [preview] extra
+                write_preview(outputs.stage(scan.preview), volume.array, result.labels, result.affine, title)
+            outputs.stage(scan.sidecar).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+            outputs.commit()                                 # the sidecar last: it marks the scan as done
+        return ours
+
+    def _failure_path(self, scan: Scan) -> Path:
+        return self.output / "logs" / "failed" / (_stem(scan.mask) + ".json")
+
+    def _record_failure(self, scan: Scan, message: str) -> None:
+        path = self._failure_path(scan)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"input": scan.label, "subject": scan.subject, "session": scan.session, "status": "failed",
+                  "error": message, "model": self.model["id"], "software": {PIPELINE_NAME: __version__}}
+        with atomic_file(path) as partial:
+            partial.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+    def _forget_failure(self, scan: Scan) -> None:
+        self._failure_path(scan).unlink(missing_ok=True)
+
+
+def _stem(path: Path) -> str:
+    name = Path(path).name
+    for ext in (*_NIFTI, ".nrrd", ".mgz", ".mgh", ".json", ".png"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def describe_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "ETA unknown"
+    minutes = int(seconds // 60)
+    return f"ETA {minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"ETA {minutes}m{int(seconds % 60):02d}s"
+
