@@ -37,6 +37,8 @@ demo: env
 
 bench: $(VENV)/.bench $(BRAINCHOP_VENV)/.installed
 	$(BIN)/python benchmarks/performance.py
+	$(BIN)/python benchmarks/brain_mask.py --margins 32 16 8
+	$(BIN)/python benchmarks/cohort.py
 
 # The readers of untrusted files under a long fuzz run (make test runs 40 inputs per reader).
 fuzz: env

@@ -3,7 +3,7 @@
 Builds a BIDS tree of the real ARC scan (M2265) as N participants (hard links, or copies across
 file systems), runs the command once as a user would (one process, the model loaded once, the
 default model and options unless given), then runs it again to time the resume check on a finished
-study. Prints the machine; writes benchmarks/results/cohort.json.
+study. Prints the machine; writes benchmarks/results/cohort.json (an entry per model).
 
     .venv/bin/python benchmarks/cohort.py [--scans 4] [--model ID] [-- extra segment options]
 """
@@ -72,7 +72,9 @@ def main() -> None:
     print(f"{args.scans} scans of {result['model']} ({result['precision']}): {result['study_s']} s in one process "
           f"(model loaded once) = {result['scans_per_hour']} scans/hour; per scan "
           f"{min(per_scan):.1f}–{max(per_scan):.1f} s; rerun of the finished study {result['rerun_s']} s")
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    merged = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.exists() else {}
+    merged[result["model"]] = result                           # one entry per model measured
+    RESULTS.write_text(json.dumps(merged, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {RESULTS.relative_to(ROOT)}")
 
 

@@ -186,8 +186,12 @@ def test_a_csv_manifest_runs_the_same_jobs(bids, tmp_path):
         writer = csv.writer(handle)
         writer.writerow(["input", "output"])
         writer.writerow([bids / GOOD[2], "out/second_lesion.nii.gz"])
-    assert main(["segment", str(manifest), "-o", str(tmp_path / "deriv"), *MODEL, "-q"]) == 0
-    assert (tmp_path / "out" / "second_lesion.nii.gz").exists() and (tmp_path / "out" / "second_lesion.json").exists()
+    assert main(["segment", str(manifest), "-o", str(tmp_path / "deriv"), *MODEL, "-q", "--probseg"]) == 0
+    out = tmp_path / "out"
+    assert (out / "second_lesion.nii.gz").exists() and (out / "second_lesion.json").exists()
+    probabilities = np.asarray(nib.load(out / "second_lesion_probseg.nii.gz").dataobj)
+    labels = np.asarray(nib.load(out / "second_lesion.nii.gz").dataobj)
+    assert probabilities.shape == labels.shape and 0 <= probabilities.min() and probabilities.max() <= 1
     bad = tmp_path / "bad.csv"
     bad.write_text("path\nx.nii.gz\n")
     assert main(["segment", str(bad), "-o", str(tmp_path / "deriv"), *MODEL]) == 2
