@@ -420,7 +420,7 @@ def _submit(args: argparse.Namespace) -> int:
     argv += [flag for flag, on in (("--probseg", args.probseg), ("--overwrite", args.overwrite)) if on]
     tasks = -(-len(scans) // args.scans_per_task)
     cohort.dataset_description(args.output, args.bids)
-    jobs = submit.submit_array(argv, tasks, args.output / "logs" / "submitit", local=args.local,
+    jobs = submit.submit_array(main, argv, tasks, args.output / "logs" / "submitit", local=args.local,
                                partition=args.slurm_partition, parallelism=args.array_parallelism,
                                gpus=args.gpus_per_task, cpus=args.cpus_per_task, mem_gb=args.mem_gb,
                                timeout_min=args.timeout_min)

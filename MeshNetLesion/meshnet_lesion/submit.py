@@ -7,19 +7,15 @@ downloaded ones) and the task unpickles them on the cluster node.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
-def run_shard(argv: list[str]) -> int:
-    """One array task: the ``segment`` command line with its shard (returns its exit code)."""
-    from .cli import main
-
-    return main(argv)
-
-
-def submit_array(argv: list[str], tasks: int, folder: Path, *, local: bool, partition: str | None,
-                 parallelism: int, gpus: int, cpus: int, mem_gb: int, timeout_min: int) -> list:
-    """Submit ``tasks`` array tasks, task i running ``argv`` with ``--shard i/tasks``; returns submitit's jobs."""
+def submit_array(command: Callable[[Sequence[str]], int], argv: list[str], tasks: int, folder: Path, *,
+                 local: bool, partition: str | None, parallelism: int, gpus: int, cpus: int, mem_gb: int,
+                 timeout_min: int) -> list:
+    """Submit ``tasks`` array tasks, task i calling ``command(argv + ["--shard", "i/tasks"])`` (the CLI's ``main``,
+    pickled by reference); returns submitit's jobs."""
     try:
         import submitit
     except ImportError as error:
@@ -33,4 +29,4 @@ def submit_array(argv: list[str], tasks: int, folder: Path, *, local: bool, part
     if not local:
         parameters.update(slurm_partition=partition, slurm_array_parallelism=parallelism)
     executor.update_parameters(**parameters)
-    return executor.map_array(run_shard, [[*argv, "--shard", f"{i}/{tasks}", "-q"] for i in range(tasks)])
+    return executor.map_array(command, [[*argv, "--shard", f"{i}/{tasks}", "-q"] for i in range(tasks)])
