@@ -289,7 +289,6 @@ def _study_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from .pipeline import Segmenter
     from .volume import load_volume
 
     if len(args.inputs) == 1 and (args.inputs[0].is_dir() or args.inputs[0].suffix.lower() == ".csv"):
@@ -304,10 +303,7 @@ def _segment(args: argparse.Namespace) -> int:
         import pooch
 
         pooch.get_logger().setLevel(logging.WARNING)   # pooch says "Downloading ..." at INFO
-    segmenter = Segmenter(args.model, device=args.device, precision=args.precision, brain_mask=args.brain_mask,
-                          standardize=args.standardize, min_lesion_ml=args.min_lesion_ml,
-                          crop_margin=None if args.no_crop else "auto",
-                          download_progress=None if args.quiet else _download_printer())
+    segmenter = _segmenter(args)
     failures = 0
     for plan in plans:
         try:
@@ -328,10 +324,19 @@ def _segment(args: argparse.Namespace) -> int:
     return EXIT_BAD_INPUT if failures else 0
 
 
+def _segmenter(args: argparse.Namespace):
+    """The Segmenter the model options ask for (loaded once per command)."""
+    from .pipeline import Segmenter
+
+    return Segmenter(args.model, device=args.device, precision=args.precision, brain_mask=args.brain_mask,
+                     standardize=args.standardize, min_lesion_ml=args.min_lesion_ml,
+                     crop_margin=None if args.no_crop else "auto",
+                     download_progress=None if args.quiet else _download_printer())
+
+
 def _segment_study(args: argparse.Namespace) -> int:
     """A BIDS dataset or manifest: every scan as an idempotent job (:mod:`.cohort`), the model loaded once."""
     from . import cohort
-    from .pipeline import Segmenter
 
     source = args.inputs[0]
     if any(getattr(args, flag) is not None for flag in ("probabilities", "report", "preview")):
@@ -355,10 +360,7 @@ def _segment_study(args: argparse.Namespace) -> int:
         import pooch
 
         pooch.get_logger().setLevel(logging.WARNING)
-    segmenter = Segmenter(args.model, device=args.device, precision=args.precision, brain_mask=args.brain_mask,
-                          standardize=args.standardize, min_lesion_ml=args.min_lesion_ml,
-                          crop_margin=None if args.no_crop else "auto",
-                          download_progress=None if args.quiet else _download_printer())
+    segmenter = _segmenter(args)
     options = {"brain_mask": args.brain_mask, "standardize": args.standardize, "min_lesion_ml": args.min_lesion_ml,
                "crop": not args.no_crop, "precision": args.precision}
     runner = cohort.Cohort(segmenter, args.output, options, probseg=args.probseg, overwrite=args.overwrite)

@@ -29,6 +29,7 @@ from typing import Any
 from ._version import __version__
 from .errors import InputError, MeshNetLesionError
 from .outputs import OutputSet, atomic_file, remove_leftovers
+from .registry import sha256_of
 
 BIDS_VERSION = "1.9.0"
 PIPELINE_NAME = "meshnet-lesion"
@@ -156,14 +157,6 @@ def shard_of(scans: Sequence[Scan], shard: str | None, environ: dict[str, str] |
     return list(scans[index::count])
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def dataset_description(output: Path, source: Path | None) -> None:
     """Write the derivative dataset's description (once; several shards may race, each write is atomic)."""
     output.mkdir(parents=True, exist_ok=True)
@@ -257,7 +250,7 @@ class Cohort:
             started = time.perf_counter()
             details: dict[str, Any] = {}
             try:
-                signature = self.signature(file_sha256(scan.source))
+                signature = self.signature(sha256_of(scan.source))
                 if self.is_current(scan, signature):
                     tally.skipped += 1
                     status = "skipped"
@@ -295,7 +288,7 @@ class Cohort:
             "status": "done",
             "model": self.model["id"], "model_version": self.model["version"],
             "model_files_sha256": self.model["files_sha256"],
-            "input_sha256": file_sha256(scan.source),
+            "input_sha256": sha256_of(scan.source),
             "options": self.options,
             "lesion_volume_ml": summary["lesion_volume_ml"],
             "lesion_components": summary["lesion_components"],

@@ -18,6 +18,7 @@ import pytest
 from meshnet_lesion import cohort
 from meshnet_lesion.cli import main
 from meshnet_lesion.errors import InputError
+from meshnet_lesion.registry import sha256_of
 
 # the fastest real lesion model, without the brain mask: the study machinery is what is tested here
 MODEL = ["--model", "t2lesion-meshnet11", "--no-brain-mask", "--device", "cpu", "--precision", "fp32"]
@@ -79,7 +80,7 @@ def test_a_bids_study_becomes_derivatives_with_sidecars(bids, derivatives):
         sidecar = json.loads((output / _mask_of(relative)).with_suffix("").with_suffix(".json").read_text())
         ours = sidecar["meshnet-lesion"]
         assert sidecar["Type"] == "Lesion" and sidecar["Sources"] == [f"bids:raw:{relative}"]
-        assert ours["model"] == "t2lesion-meshnet11" and ours["input_sha256"] == cohort.file_sha256(bids / relative)
+        assert ours["model"] == "t2lesion-meshnet11" and ours["input_sha256"] == sha256_of(bids / relative)
         assert ours["lesion_volume_ml"] >= 0 and ours["timings_s"]["total"] > 0 and ours["software"]["torch"]
     failed = json.loads((output / "logs" / "failed" / "sub-03_ses-1_desc-lesion_mask.json").read_text())
     assert failed["input"] == CORRUPT and failed["error"]
