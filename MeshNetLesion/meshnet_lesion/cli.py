@@ -151,6 +151,18 @@ def _parser() -> argparse.ArgumentParser:
                          help="share of crops centred on a lesion voxel (the rest anywhere)")
     trainer.add_argument("--device", default="auto")
     trainer.add_argument("--seed", type=int, default=0)
+    teaching = trainer.add_argument_group("distillation (--teacher): PAIRS may also be T2w images, no masks needed")
+    teaching.add_argument("--teacher", help="a registry model or ensemble whose soft targets the student learns")
+    teaching.add_argument("--temperature", type=float, default=2.0)
+    teaching.add_argument("--distill-weight", type=float, default=0.7,
+                          help="the teacher term's share of the loss where a ground truth exists")
+    teaching.add_argument("--steps", type=int, default=2000, help="training steps (one crop each)")
+    teaching.add_argument("--state", type=Path, help="the run's state file: written every --save-every steps; "
+                          "the same command continues from it (default: OUTPUT with .state)")
+    teaching.add_argument("--save-every", type=int, default=50)
+    teaching.add_argument("--session-steps", type=int, help="stop after this many steps of this call (resume later)")
+    teaching.add_argument("--teacher-cache", type=Path, help="where the teacher's maps are kept (default: beside "
+                          "the state file)")
     trainer.set_defaults(handler=_train)
 
     tuner = commands.add_parser("tune", help="hyperparameter search (Optuna TPE + asynchronous successive halving)")
@@ -671,11 +683,45 @@ def _train(args: argparse.Namespace) -> int:
         raise InputError("the output must be a .safetensors file")
     config = TrainConfig(channels=args.channels, epochs=args.epochs, restarts=args.restarts, lr=args.lr,
                          background_weight=args.background_weight, device=args.device, seed=args.seed)
+    if args.teacher:
+        return _distill(args, config)
     epoch_samples, count, validation = _training_data(args)
     model, history = train(epoch_samples, count, config, validation, progress=print)
     if int(os.environ.get("RANK", "0")) == 0:     # under torchrun, one process writes the result
         save_checkpoint(model, args.output, history)
         print(f"wrote {args.output} (import it with: meshnet-lesion models import FOLDER)")
+    return 0
+
+
+def _distill(args: argparse.Namespace, config) -> int:
+    """``train --teacher``: a student learns the teacher's soft targets on crops of the given volumes."""
+    from . import distill
+    from .dataset import read_pairs
+    from .pipeline import Segmenter
+    from .volume import load_volume
+
+    images = [args.pairs] if args.pairs.name.endswith(_SUFFIXES) else [image for image, _ in read_pairs(args.pairs)]
+    state = args.state or args.output.with_suffix(".state")
+    cache = args.teacher_cache or state.parent / f"{state.stem}.teacher"
+    teacher = Segmenter(args.teacher, device=args.device, precision="fp32")
+    views = []
+    for image in images:
+        print(f"teacher {args.teacher} on {image.name} (computed once, then read from {cache})", flush=True)
+        views.append(distill.teacher_view(teacher, load_volume(image), cache))
+    settings = distill.DistillConfig(train=config, steps=args.steps, temperature=args.temperature,
+                                     weight=args.distill_weight, save_every=args.save_every)
+    size = args.crop or 96
+    model, record = distill.distill(lambda step: distill.crop_sample(views, step, args.seed, size), settings, state,
+                                    progress=print, stop_after=args.session_steps, conventions=teacher.spec)
+    steps = len(record.losses)
+    if steps < args.steps:
+        print(f"stopped at step {steps} of {args.steps}; the same command continues from {state}")
+        return 0
+    model.save(args.output, {"meshnet_distillation": json.dumps({
+        "teacher": args.teacher, "steps": steps, "crop": size, "temperature": args.temperature,
+        "weight": args.distill_weight, "images": [str(p) for p in images], "seconds": round(record.seconds, 1),
+        "losses_every_10": record.losses[::10]})})
+    print(f"wrote {args.output} (import it with: meshnet-lesion models import FOLDER)")
     return 0
 
 

@@ -72,7 +72,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
                                                anneal_strategy="cos")
 
 
-def _autocast(device: torch.device, enabled: bool):
+def autocast(device: torch.device, enabled: bool):
     if not enabled:
         return torch.autocast(device.type, enabled=False)
     if device.type == "cuda":
@@ -138,7 +138,7 @@ def train(samples: Callable[[int], Iterable[Sample]], steps_per_epoch: int, conf
                 x = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None].to(device)
                 y = torch.from_numpy(np.ascontiguousarray(mask, np.int64))[None].to(device)
                 optimizer.zero_grad(set_to_none=True)
-                with _autocast(device, config.mixed_precision):
+                with autocast(device, config.mixed_precision):
                     logits = net(x)
                 loss = loss_fn(logits.float(), y)
                 scaler.scale(loss).backward()
