@@ -250,14 +250,15 @@ class Cohort:
             started = time.perf_counter()
             details: dict[str, Any] = {}
             try:
-                signature = self.signature(sha256_of(scan.source))
+                digest = sha256_of(scan.source)
+                signature = self.signature(digest)
                 if self.is_current(scan, signature):
                     tally.skipped += 1
                     status = "skipped"
                 else:
                     volume = load_volume(scan.source)
                     result = self.segmenter.segment(volume, probabilities=self.probseg)
-                    details = self._write(scan, volume, result, signature)
+                    details = self._write(scan, volume, result, signature, digest)
                     self._forget_failure(scan)
                     tally.done += 1
                     status = "done"
@@ -277,7 +278,7 @@ class Cohort:
                 report(status, scan, tally, details)
         return tally
 
-    def _write(self, scan: Scan, volume, result, signature: str) -> dict[str, Any]:
+    def _write(self, scan: Scan, volume, result, signature: str, input_sha256: str) -> dict[str, Any]:
         from .preview import write_preview
         from .volume import save_volume
 
@@ -288,7 +289,7 @@ class Cohort:
             "status": "done",
             "model": self.model["id"], "model_version": self.model["version"],
             "model_files_sha256": self.model["files_sha256"],
-            "input_sha256": sha256_of(scan.source),
+            "input_sha256": input_sha256,
             "options": self.options,
             "lesion_volume_ml": summary["lesion_volume_ml"],
             "lesion_components": summary["lesion_components"],
