@@ -14,7 +14,6 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,9 +22,9 @@ sys.path[:0] = [str(ROOT / "MeshNetLesion"), str(ROOT / "benchmarks")]
 from machine import describe, machine  # noqa: E402
 
 from meshnet_lesion import Segmenter, load_volume  # noqa: E402
-from meshnet_lesion.distill import STATE_METADATA_KEY  # noqa: E402
+from meshnet_lesion.distill import STATE_METADATA_KEY, student  # noqa: E402
 from meshnet_lesion.metrics import dice  # noqa: E402
-from meshnet_lesion.model import MeshNet, build_meshnet  # noqa: E402
+from meshnet_lesion.model import MeshNet  # noqa: E402
 from meshnet_lesion.registry import Registry  # noqa: E402
 
 
@@ -35,9 +34,7 @@ def student_from_state(path: Path, teacher: Segmenter) -> tuple[MeshNet, dict]:
     with safe_open(str(path), framework="pt") as handle:
         metadata = json.loads(handle.metadata()[STATE_METADATA_KEY])
         weights = {name[len("model."):]: handle.get_tensor(name) for name in handle.keys() if name.startswith("model.")}
-    model = build_meshnet(metadata["config"]["train"]["channels"])
-    model.spec = replace(model.spec, input=teacher.spec.input, normalization=teacher.spec.normalization,
-                         standardization=teacher.spec.standardization)
+    model = student(metadata["config"]["train"]["channels"], teacher.spec)
     model.load_state_dict(weights)
     return model.eval(), metadata
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from .devices import cpu_has_native_bf16, resolve_precision
 from .engine import Engine
+from .outputs import atomic_file
 from .registry import default_cache_dir
 from .spec import LoadedModel
 
@@ -93,11 +93,10 @@ def _read(path: Path) -> dict:
 
 
 def _write(path: Path, known: dict) -> None:
-    """Atomically (a temporary file, then renamed); a cache that cannot be written is measured again next time."""
+    """Atomically (:func:`.outputs.atomic_file`); a cache that cannot be written is measured again next time."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(temporary, path)
+        with atomic_file(path) as partial:
+            partial.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     except OSError:
         pass

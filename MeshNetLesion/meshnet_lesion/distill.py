@@ -51,6 +51,16 @@ class DistillConfig:
     save_every: int = 50
 
 
+def student(channels: int, conventions: ModelSpec | None = None) -> MeshNet:
+    """The paper's MeshNet-``channels``, taking the input conventions (grid, normalisation, landmarks) of
+    ``conventions`` (the teacher's spec): the same layers, only what the spec says about its input changes."""
+    model = build_meshnet(channels)
+    if conventions is not None:
+        model.spec = replace(model.spec, input=conventions.input, normalization=conventions.normalization,
+                             standardization=conventions.standardization)
+    return model
+
+
 def teacher_logit(probability: torch.Tensor) -> torch.Tensor:
     """The two-class logit margin (lesion − background) behind a lesion probability."""
     p = probability.float().clamp(1e-7, 1 - 1e-7)
@@ -133,10 +143,7 @@ def distill(samples: Callable[[int], Sample], config: DistillConfig, state_path:
     import time
 
     torch.manual_seed(config.train.seed)
-    model = build_meshnet(config.train.channels)
-    if conventions is not None:   # the same layers; only what the spec says about its input changes
-        model.spec = replace(model.spec, input=conventions.input, normalization=conventions.normalization,
-                             standardization=conventions.standardization)
+    model = student(config.train.channels, conventions)
     optimizer = make_optimizer(model, config.train)
     scheduler = make_scheduler(optimizer, config.train, config.steps)
     step, record = 0, Record()
