@@ -55,11 +55,14 @@ quality: env
 synthetic-models: env
 	$(BIN)/python training/synthetic_models.py
 
-# Distils the paper's MeshNet-16 and MeshNet-5 from the arc-meshnet26 ensemble on crops of M2265 (the
-# teacher sees the clean scan, the student an intensity-augmented one). Resumable: each run writes its
-# state to training/distill/*.state every 25 steps; run it again (any machine) to continue.
+# Distils the paper's MeshNet-16 and MeshNet-5 from the arc-meshnet26 ensemble on crops of M2265: the
+# teacher sees the clean scan, the student a degraded one (turned, skull-stripped, thick slices,
+# intensities), a third of the crops with a training-split SOOP lesion painted in as ground truth.
+# Resumable: each run writes its state to training/distill/*.state every 25 steps; run it again (any
+# machine) to continue.
 DISTILL = $(BIN)/meshnet-lesion train "$$($(BIN)/meshnet-lesion models fetch sample-arc-m2265-t2w)" \
-	--teacher arc-meshnet26 --steps 3000 --crop 64 --lr 2e-3 --save-every 25 --teacher-cache training/.work/teacher
+	--teacher arc-meshnet26 --steps 2000 --crop 64 --lr 2e-3 --save-every 25 --teacher-cache training/.work/teacher \
+	--lesions $(MESHNET_LESION_MIRROR)/lesions/soop
 distill-students: env
 	$(DISTILL) --channels 16 -o training/distill/meshnet16-arc26.safetensors --state training/distill/meshnet16-arc26.state
 	$(DISTILL) --channels 5 -o training/distill/meshnet5-arc26.safetensors --state training/distill/meshnet5-arc26.state

@@ -21,11 +21,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "MeshNetLesion"), str(ROOT / "benchmarks")]
 
-from machine import describe, machine  # noqa: E402
-
 from meshnet_lesion import load_volume  # noqa: E402
 from meshnet_lesion.devices import cpu_has_native_bf16  # noqa: E402
 from meshnet_lesion.engine import Engine  # noqa: E402
+from meshnet_lesion.machine import describe, machine  # noqa: E402
 from meshnet_lesion.metrics import dice  # noqa: E402
 from meshnet_lesion.pipeline import BRAIN_MODEL_ID, cropped, model_grid  # noqa: E402
 from meshnet_lesion.postprocess import brain_region  # noqa: E402

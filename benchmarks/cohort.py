@@ -22,8 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "MeshNetLesion"), str(ROOT / "benchmarks")]
 
-from machine import describe, machine  # noqa: E402
-
+from meshnet_lesion.machine import describe, machine  # noqa: E402
 from meshnet_lesion.registry import Registry  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "cohort.json"

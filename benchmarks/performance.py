@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import machine
+from meshnet_lesion.machine import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MESHNET_LESION_MIRROR") or ROOT.parent / "shared" / "data")

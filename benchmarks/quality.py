@@ -15,6 +15,8 @@ mask, standardisation, restriction, back to the source grid). For each model:
   lesion mL found;
 - **synthetic held-out set**: held-out SOOP lesions painted into M2265 (its own lesion, as all models
   together find it, not scored): Dice, AVD and MCC against the painted truth;
+- **distilled students**: a student's M2265 lesion Dice against its teacher (the card's
+  ``distillation.teacher``) when both are among the models;
 - **M2265's volume** beside ARC's MNI-space figure scaled by the brain-volume ratio, the template's
   brain measured by the same MindGrab pipeline on the ICBM152 2009a T1 that nilearn ships;
 - ``--part conventions``: each model fed other input conventions than its own (grid, axis order,
@@ -42,10 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "MeshNetLesion"))
 os.environ.setdefault("MESHNET_LESION_MIRROR", str(ROOT.parent / "shared" / "data"))
 
-from machine import describe, machine  # noqa: E402
-
 from meshnet_lesion import Registry, Segmenter, Volume, load_volume, perturb, synth  # noqa: E402
 from meshnet_lesion.dataset import IGNORE  # noqa: E402
+from meshnet_lesion.machine import describe, machine  # noqa: E402
 from meshnet_lesion.metrics import average_volume_difference, dice, matthews  # noqa: E402
 
 MODELS = ("arc-meshnet26", "arc-meshnet26-r0", "brainchop-arc-meshnet11", "t2lesion-meshnet11")
@@ -210,6 +211,13 @@ def main() -> int:
                                                     "brain_ml": result.brain_volume_ml,
                                                     "seconds": time.perf_counter() - tick}}
         print(f"{model_id}: M2265 {result.lesion_volume_ml:.1f} mL ({time.perf_counter() - tick:.0f} s)", flush=True)
+    for model_id, segmenter in segmenters.items():        # a distilled student against its teacher
+        teacher = segmenter.entry.card.get("distillation", {}).get("teacher")
+        if teacher in originals:
+            results["models"][model_id]["dice_vs_teacher"] = dice(originals[model_id].labels == 1,
+                                                                  originals[teacher].labels == 1)
+            print(f"{model_id}: Dice {results['models'][model_id]['dice_vs_teacher']:.3f} against its teacher "
+                  f"{teacher} on M2265", flush=True)
     brain = next(iter(originals.values())).brain
     own_lesion = np.logical_or.reduce([r.labels == 1 for r in originals.values()])
 
@@ -276,6 +284,9 @@ def _print_table(results: dict, models: list[str]) -> None:
     print(f"{'case':40}" + "".join(f"{m:>26}" for m in models))
     row = results["models"]
     print(f"{'M2265 lesion mL':40}" + "".join(f"{row[m]['original']['lesion_ml']:>26.1f}" for m in models))
+    if any("dice_vs_teacher" in row[m] for m in models):
+        print(f"{'M2265 Dice against its teacher':40}" + "".join(
+            f"{row[m]['dice_vs_teacher']:>26.3f}" if "dice_vs_teacher" in row[m] else f"{'':>26}" for m in models))
     for name in [n for n in AGREEMENT if n in row[models[0]]]:
         print(f"{name + ': Dice (mL)':40}" + "".join(
             f"{row[m][name]['dice']:>17.3f} ({row[m][name]['lesion_ml']:5.1f})" for m in models))

@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "MeshNetLesion"), str(ROOT / "MeshNetLesion" / "Testing" / "Python"), str(ROOT / "benchmarks")]
 
 from headless_slicer import App, QtMainThread  # noqa: E402
-from machine import describe, machine  # noqa: E402
 
 from meshnet_lesion import load_volume  # noqa: E402
+from meshnet_lesion.machine import describe, machine  # noqa: E402
 from meshnet_lesion.registry import Registry  # noqa: E402
 from MeshNetLesionLib.job import POLL_INTERVAL_MS, WORKER_SLICE_S  # noqa: E402
 from MeshNetLesionLib.logic import MeshNetLesionLogic  # noqa: E402

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 
 from .devices import cpu_has_native_bf16, resolve_precision
 from .engine import Engine
+from .machine import cpu_name
 from .outputs import atomic_file
 from .registry import default_cache_dir
 from .spec import LoadedModel
@@ -30,17 +30,6 @@ BF16_MAX_RATIO = 0.9
 # of the models here), small enough to measure in about a second per precision.
 CALIBRATION_SHAPE = (32, 96, 96)
 CACHE_FILE = "precision.json"
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what the platform reports."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def network_key(model: LoadedModel) -> str:

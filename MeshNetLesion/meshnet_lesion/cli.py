@@ -16,6 +16,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 from ._version import __version__
@@ -163,6 +164,8 @@ def _parser() -> argparse.ArgumentParser:
     teaching.add_argument("--session-steps", type=int, help="stop after this many steps of this call (resume later)")
     teaching.add_argument("--teacher-cache", type=Path, help="where the teacher's maps are kept (default: beside "
                           "the state file)")
+    teaching.add_argument("--lesions", type=Path, help="a folder of lesion masks in MNI space (e.g. SOOP's) painted "
+                          "into a third of the crops as ground truth; its training split only (synth.split_lesions)")
     trainer.set_defaults(handler=_train)
 
     tuner = commands.add_parser("tune", help="hyperparameter search (Optuna TPE + asynchronous successive halving)")
@@ -711,15 +714,24 @@ def _distill(args: argparse.Namespace, config) -> int:
     settings = distill.DistillConfig(train=config, steps=args.steps, temperature=args.temperature,
                                      weight=args.distill_weight, save_every=args.save_every)
     size = args.crop or 96
-    model, record = distill.distill(lambda step: distill.crop_sample(views, step, args.seed, size), settings, state,
-                                    progress=print, stop_after=args.session_steps, conventions=teacher.spec)
+    lesions: list[Path] = []
+    if args.lesions:
+        from .synth import split_lesions
+
+        lesions = split_lesions(sorted(args.lesions.glob("*.nii*")))[0]
+        if not lesions:
+            raise InputError(f"no lesion masks (*.nii, *.nii.gz) in {args.lesions}")
+    model, record = distill.distill(lambda step: distill.crop_sample(views, step, args.seed, size, lesions), settings,
+                                    state, [view.x[view.box] for view in views], progress=partial(print, flush=True),
+                                    stop_after=args.session_steps, conventions=teacher.spec)
     steps = len(record.losses)
     if steps < args.steps:
         print(f"stopped at step {steps} of {args.steps}; the same command continues from {state}")
         return 0
     model.save(args.output, {"meshnet_distillation": json.dumps({
-        "teacher": args.teacher, "steps": steps, "crop": size, "temperature": args.temperature,
-        "weight": args.distill_weight, "images": [str(p) for p in images], "seconds": round(record.seconds, 1),
+        "teacher": args.teacher, "channels": config.channels, "steps": steps, "crop": size, "temperature": args.temperature,
+        "weight": args.distill_weight, "images": [str(p) for p in images], "painted_lesions": len(lesions),
+        "seconds": round(record.seconds, 1), "sessions": record.sessions,
         "losses_every_10": record.losses[::10]})})
     print(f"wrote {args.output} (import it with: meshnet-lesion models import FOLDER)")
     return 0

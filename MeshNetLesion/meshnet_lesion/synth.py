@@ -149,7 +149,7 @@ def split_lesions(paths: Sequence[Path], held_out: float = 0.1) -> tuple[list[Pa
     return sorted(train), sorted(test)
 
 
-def _rotation(rng: np.random.Generator, degrees: float) -> np.ndarray:
+def random_rotation(rng: np.random.Generator, degrees: float) -> np.ndarray:
     rotation = np.eye(3)
     for axis in range(3):
         angle = math.radians(rng.uniform(-degrees, degrees))
@@ -196,7 +196,7 @@ def place_lesion(source: LesionSource, head: Head, rng: np.random.Generator,
     else:
         flip = np.eye(3)
     centre_mni = source.affine[:3, :3] @ lesion_voxels.mean(0) + source.affine[:3, 3]
-    jitter = _rotation(rng, 10) * rng.uniform(0.85, 1.15, 3)
+    jitter = random_rotation(rng, 10) * rng.uniform(0.85, 1.15, 3)
     shift = rng.uniform(-8, 8, 3)
     to_mni = np.eye(4)
     linear = flip @ np.diag(scale)
@@ -305,7 +305,7 @@ def _clusters(values: np.ndarray, k: int = 3, iterations: int = 50) -> np.ndarra
 def _deform_labels(tissues: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Random pose (±8°, ±8 % scale, ±6 mm) and elastic warp of a label map, nearest neighbour."""
     centre = (np.array(SHAPE) - 1) / 2
-    linear = _rotation(rng, 8) * rng.uniform(0.92, 1.08, 3)
+    linear = random_rotation(rng, 8) * rng.uniform(0.92, 1.08, 3)
     offset = centre - linear @ centre + rng.uniform(-6, 6, 3)
     coarse = [_smooth_field(rng, (64, 64, 64), 5, 2.5) for _ in range(3)]
     grid = np.stack(np.meshgrid(*[np.arange(0, 256, 4, dtype=np.float32)] * 3, indexing="ij"))

@@ -13,10 +13,14 @@ from meshnet_lesion.dataset import IGNORE
 from meshnet_lesion.distill import (
     DistillConfig,
     TeacherCache,
+    TeacherView,
+    crop_sample,
     distill,
     distillation_loss,
     flips,
     intensity_augmented,
+    measure_batchnorm,
+    student,
     teacher_logit,
 )
 from meshnet_lesion.training import TrainConfig
@@ -93,17 +97,46 @@ def _tiny_samples(step):
     return np.flip(image, flips(step)).copy(), np.flip(teacher, flips(step)).copy(), None
 
 
+_TINY_WHOLE = [np.random.default_rng(99).random((16, 16, 16), dtype=np.float32)]
+
+
+def test_batchnorm_runs_with_the_statistics_of_whole_volumes(tmp_path):
+    """Once measured, eval mode on a whole volume gives what train mode (its own statistics) gives; a
+    run measures them once, before its first step, and its steps leave them alone."""
+    torch.manual_seed(0)
+    model = student(4)
+    volume = torch.from_numpy(_TINY_WHOLE[0])[None, None]
+    measure_batchnorm(model, _TINY_WHOLE, mixed_precision=False)
+    assert not model.training
+    with torch.no_grad():
+        in_eval = model(volume)
+        model.train()
+        in_train = model(volume)       # batch statistics of the same volume
+    assert torch.allclose(in_eval, in_train, atol=5e-3)   # running_var is unbiased: n/(n − 1), 9 layers deep
+
+    def statistics(model):
+        return [t for name, t in model.state_dict().items() if "running" in name]
+
+    config = DistillConfig(train=TrainConfig(channels=4, lr=1e-2, mixed_precision=False), steps=3, save_every=3)
+    trained, _ = distill(_tiny_samples, config, tmp_path / "run.state", _TINY_WHOLE)
+    torch.manual_seed(config.train.seed)
+    initial = student(4)                              # the run's step-0 weights, and their statistics
+    measure_batchnorm(initial, _TINY_WHOLE, mixed_precision=False)
+    assert all(torch.equal(a, b) for a, b in zip(statistics(initial), statistics(trained)))
+    assert not all(torch.equal(a, b) for a, b in zip(initial.parameters(), trained.parameters()))
+
+
 def test_a_run_continued_from_its_state_makes_the_same_weights(tmp_path):
     config = DistillConfig(train=TrainConfig(channels=3, lr=1e-2), steps=6, save_every=2)
-    whole, _ = distill(_tiny_samples, config, tmp_path / "whole.state")
-    first, record = distill(_tiny_samples, config, tmp_path / "parts.state", stop_after=3)
+    whole, _ = distill(_tiny_samples, config, tmp_path / "whole.state", _TINY_WHOLE)
+    first, record = distill(_tiny_samples, config, tmp_path / "parts.state", _TINY_WHOLE, stop_after=3)
     assert len(record.losses) == 3 and (tmp_path / "parts.state").is_file()
-    resumed, record = distill(_tiny_samples, config, tmp_path / "parts.state")
+    resumed, record = distill(_tiny_samples, config, tmp_path / "parts.state", _TINY_WHOLE)
     assert len(record.losses) == 6
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="another run"):
-        distill(_tiny_samples, replace(config, temperature=4.0), tmp_path / "parts.state")
+        distill(_tiny_samples, replace(config, temperature=4.0), tmp_path / "parts.state", _TINY_WHOLE)
 
 
 def test_a_short_run_on_a_real_crop_with_a_real_teacher_lowers_the_loss(registry, arc_volume, tmp_path):
@@ -124,5 +157,76 @@ def test_a_short_run_on_a_real_crop_with_a_real_teacher_lowers_the_loss(registry
         return (np.flip(intensity_augmented(crop, rng), axes).copy(), np.flip(soft, axes).copy(), None)
 
     config = DistillConfig(train=TrainConfig(channels=5, lr=1e-2), steps=40, save_every=20)
-    _, record = distill(samples, config, tmp_path / "run.state")
+    _, record = distill(samples, config, tmp_path / "run.state", [crop])
     assert np.mean(record.losses[-8:]) < 0.7 * np.mean(record.losses[:8])
+
+
+def test_painted_samples_carry_ground_truth_there_and_the_teacher_elsewhere(shared):
+    """A third of the samples get a real SOOP lesion painted in: the ground truth is 1 there, 0 elsewhere and
+    IGNORE over the view's own lesion; the teacher's target is raised to the painted lesion. Samples are
+    the same for the same step, and the student's input stays in the normalised range."""
+    from meshnet_lesion.preprocess import head_box
+    from meshnet_lesion.synth import split_lesions
+
+    i, j, k = np.ogrid[:256, :256, :256]
+    radius = ((i - 128) / 70.0) ** 2 + ((j - 128) / 85.0) ** 2 + ((k - 128) / 70.0) ** 2
+    brain = radius < 1
+    x = np.where(brain, np.where(radius > 0.85, 0.9, 0.3 + 0.1 * np.sin(i / 6.0)), 0).astype(np.float32)
+    own = ((i - 100) ** 2 + (j - 128) ** 2 + (k - 128) ** 2) < 8 ** 2
+    soft = np.where(own, 0.9, 0.02 * brain).astype(np.float32)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = -128
+    view = TeacherView.of(x, soft, head_box(brain, 24), affine, brain)
+    lesions = split_lesions(sorted((shared / "lesions" / "soop").glob("*.nii.gz")))[0][:40]
+    painted = []
+    for step in range(24):
+        image, target_soft, truth = crop_sample([view], step, 0, 32, lesions)
+        assert image.shape == target_soft.shape == (32, 32, 32) and 0 <= image.min() and image.max() <= 1
+        if truth is not None:
+            painted.append((target_soft, truth))
+    assert 3 <= len(painted) <= 16                                    # about a third of 24
+    assert all(set(np.unique(truth)) <= {0, 1, IGNORE} for _, truth in painted)
+    lesion_voxels = np.concatenate([t[g == 1] for t, g in painted])
+    assert len(lesion_voxels) > 100 and np.mean(lesion_voxels > 0.5) > 0.9
+    again = crop_sample([view], 5, 0, 32, lesions)
+    first = crop_sample([view], 5, 0, 32, lesions)
+    assert all((a is None and b is None) or np.array_equal(a, b) for a, b in zip(first, again))
+
+
+def test_train_with_a_teacher_stops_resumes_and_writes_an_importable_student(shared, tmp_path, capsys):
+    """The command line: ``train IMAGE --teacher ID`` stops after --session-steps with its state saved, the
+    same command finishes the run, and the student it writes records its run and imports as a model."""
+    import json
+
+    import nibabel as nib
+    from safetensors import safe_open
+
+    from meshnet_lesion import cli
+    from meshnet_lesion.model import build_meshnet
+    from meshnet_lesion.registry import Registry
+
+    teacher_folder = tmp_path / "teacher"
+    teacher_folder.mkdir()
+    torch.manual_seed(1)
+    build_meshnet(3).eval().save(teacher_folder / "model.safetensors")
+    Registry().import_folder(teacher_folder, "tiny-teacher", card={"postprocess": {"brain_mask": False}})
+    image = tmp_path / "head.nii.gz"
+    volume = np.zeros((48, 48, 48), np.float32)
+    volume[8:40, 8:40, 8:40] = np.random.default_rng(0).random((32, 32, 32), dtype=np.float32) * 100
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), image)
+    output = tmp_path / "student.safetensors"
+    command = ["train", str(image), "-o", str(output), "--teacher", "tiny-teacher", "--channels", "3",
+               "--steps", "4", "--crop", "16", "--save-every", "1", "--session-steps", "2"]
+    assert cli.main(command) == 0
+    assert "stopped at step 2 of 4" in capsys.readouterr().out and not output.exists()
+    assert (tmp_path / "student.state").is_file() and list((tmp_path / "student.teacher").glob("*.npz"))
+    assert cli.main(command) == 0
+    with safe_open(str(output), framework="numpy") as handle:
+        run = json.loads(handle.metadata()["meshnet_distillation"])
+    assert run["teacher"] == "tiny-teacher" and run["channels"] == 3 and run["steps"] == 4
+    assert [(s["first_step"], s["steps"]) for s in run["sessions"]] == [(0, 2), (2, 2)]
+    assert all("CPUs" in s["machine"] for s in run["sessions"])
+    folder = tmp_path / "student"
+    folder.mkdir()
+    output.rename(folder / output.name)
+    assert Registry().import_folder(folder, "tiny-student").id == "tiny-student"

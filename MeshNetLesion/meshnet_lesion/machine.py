@@ -1,23 +1,34 @@
-"""The machine a figure was measured on: CPU model and the flags that decide kernel speed, cores, PyTorch build."""
+"""The machine a figure or a training run was measured on: CPU model and the flags that decide kernel speed,
+cores, PyTorch build (benchmarks print it with every figure; a distillation run records it per session)."""
 from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what the platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def machine() -> dict:
     import torch
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(), "platform": platform.platform(), "cpu": platform.processor(),
+            "threads": torch.get_num_threads(), "platform": platform.platform(), "cpu": cpu_name(),
             "cpu_flags": []}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-        flags = next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags"))
+            flags = next(line.split(":", 1)[1].split() for line in handle if line.startswith("flags"))
         info["cpu_flags"] = [flag for flag in FLAGS if flag in flags]
     except (OSError, StopIteration):
         pass

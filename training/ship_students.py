@@ -1,0 +1,132 @@
+"""Ship finished distilled students with the extension: weights into ``meshnet_lesion/weights/``, an entry each
+in ``models.json`` (bundled file, SHA-256, size; the teacher's input conventions; an honest card).
+
+    .venv/bin/python training/ship_students.py [--students meshnet16-arc26,meshnet5-arc26] [--quality JSON]
+
+A student is finished when ``make distill-students`` has written ``training/distill/<id>.safetensors``
+(the run's last step). Its card records the run (teacher, steps, seconds, the machine that ran it, from
+the file's own metadata: each session's machine) and, with ``--quality``, the figures
+that ``benchmarks/quality.py`` measured for it and for its teacher in the same run. Rerunning replaces
+the entries; other entries are left as they are.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "MeshNetLesion"))
+
+from safetensors import safe_open  # noqa: E402
+
+from meshnet_lesion.registry import BUILTIN_REGISTRY, sha256_of  # noqa: E402
+
+RUNS = ROOT / "training" / "distill"
+WEIGHTS = BUILTIN_REGISTRY.parent / "weights"
+SOOP = ("SOOP lesion masks (Stroke Outcome Optimization Project, OpenNeuro ds004889, CC0; "
+        "github.com/neurolabusc/StrokeOutcomeOptimizationProjectDemo)")
+QUALITY_CASES = ("skull-stripped", "intensity x0.5", "intensity x3", "gamma 0.7", "gamma 1.4", "bias field 20%",
+                 "12-bit integers", "1x1x3 mm axial", "2 mm isotropic")
+LESION_FREE = ("mirrored healthy hemisphere", "synthetic lesion-free", "synthetic lesion-free (M2265 contrast)")
+
+
+def entry(student_id: str, registry: dict, quality: dict | None) -> dict:
+    source = RUNS / f"{student_id}.safetensors"
+    with safe_open(str(source), framework="numpy") as handle:
+        run = json.loads(handle.metadata()["meshnet_distillation"])
+    teacher = next(m for m in registry["models"] if m["id"] == run["teacher"])
+    member = next(m for m in registry["models"] if m["id"] == teacher.get("members", [teacher["id"]])[0])
+    channels = int(run["channels"])
+    WEIGHTS.mkdir(exist_ok=True)
+    shipped = WEIGHTS / source.name
+    shutil.copyfile(source, shipped)
+    hours = run["seconds"] / 3600
+    sessions = [s for s in run.get("sessions", []) if s["steps"]]
+    unrecorded = sessions[0]["first_step"] if sessions else run["steps"]
+    parts = [f"steps 1-{unrecorded} on a machine not recorded"] if unrecorded else []
+    parts += [f"steps {s['first_step'] + 1}-{s['first_step'] + s['steps']} in {s['seconds'] / 3600:.1f} h "
+              f"on {s['machine']}" for s in sessions]
+    ran_on = "; ".join(parts)
+    card = {
+        "id": student_id,
+        "title": f"MeshNet-{channels} (distilled from {teacher['title']})",
+        "task": "lesion",
+        "version": f"distilled from {run['teacher']}, {run['steps']} steps",
+        "input": teacher["input"],
+        "description": (f"The paper's MeshNet-{channels} distilled from {run['teacher']} on augmented M2265 and "
+                        "synthetic lesions; not trained on ARC masks. The student learnt the teacher's lesion "
+                        "probabilities (temperature "
+                        f"{run['temperature']}) on {run['crop']}^3 crops of the ARC scan M2265, degraded as scans "
+                        "are (turned, skull-stripped, thick slices, intensities) while the teacher saw the clean "
+                        f"scan, with {SOOP.split(' (')[0]} painted into a third of the crops as ground truth."),
+        "files": [{"name": shipped.name, "size": shipped.stat().st_size, "sha256": sha256_of(shipped),
+                   "bundled": f"weights/{shipped.name}"}],
+        "spec": member["spec"],
+        "postprocess": teacher["postprocess"],
+        "license": teacher["license"],
+        "source": "this extension (training/distill, meshnet-lesion train --teacher)",
+        "citation": teacher["citation"],
+        "training_data": (f"No lesion masks of ARC. Soft targets of {run['teacher']} on one ARC scan (M2265, "
+                          f"OpenNeuro ds004884, CC0) and the training split of {len_or(run)} {SOOP}; "
+                          f"{run['steps']} steps, {hours:.1f} h of CPU time: {ran_on}."),
+        "input_convention": teacher["input_convention"],
+        "standardization_note": member.get("standardization_note", ""),
+        "metrics": [],
+        "metrics_note": ("No held-out ARC evaluation exists for this student: it has never been run on ARC "
+                         "subjects other than M2265, which is also a training subject of its teacher. The figures "
+                         "below are robustness and agreement checks on M2265, measured."),
+        "distillation": {key: run[key] for key in ("teacher", "steps", "crop", "temperature", "weight",
+                                                   "painted_lesions", "seconds")} | {"machine": ran_on},
+    }
+    if quality is not None:
+        card["measured"] = measured(student_id, run["teacher"], quality)
+    return card
+
+
+def len_or(run: dict) -> str:
+    return f"{run['painted_lesions']:,}" if run.get("painted_lesions") else "no"
+
+
+def measured(student_id: str, teacher_id: str, quality: dict) -> dict:
+    """The suite's figures for the student beside its teacher's, from one run of benchmarks/quality.py."""
+    rows = quality["models"]
+    out = {"command": quality["command"], "machine": quality["machine"].get("describe") or str(quality["machine"])}
+    for model_id, key in ((student_id, "student"), (teacher_id, "teacher")):
+        row = rows.get(model_id)
+        if row is None:
+            continue
+        figures = {"M2265 lesion mL": round(row["original"]["lesion_ml"], 1),
+                   "seconds (M2265)": round(row["original"]["seconds"], 1)}
+        figures |= {f"{case}: Dice": round(row[case]["dice"], 3) for case in QUALITY_CASES if case in row}
+        figures |= {f"{case}: mL": round(row[case]["false_positive_ml"], 2) for case in LESION_FREE if case in row}
+        if "synthetic held-out" in row:
+            figures |= {f"synthetic held-out: {k}": round(row["synthetic held-out"][k], 3)
+                        for k in ("dice", "avd", "mcc")}
+        out[key] = figures
+    if "dice_vs_teacher" in rows.get(student_id, {}):
+        out["M2265 Dice against the teacher"] = round(rows[student_id]["dice_vs_teacher"], 3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--students", default="meshnet16-arc26,meshnet5-arc26")
+    parser.add_argument("--quality", type=Path, help="benchmarks/quality.py's JSON with the students and teacher")
+    args = parser.parse_args()
+    registry = json.loads(BUILTIN_REGISTRY.read_text(encoding="utf-8"))
+    quality = json.loads(args.quality.read_text(encoding="utf-8")) if args.quality else None
+    for student_id in args.students.split(","):
+        card = entry(student_id, registry, quality)
+        models = [m for m in registry["models"] if m["id"] != student_id]
+        at = next(i for i, m in enumerate(models) if m["id"] == card["distillation"]["teacher"])
+        registry["models"] = models[:at] + [card] + models[at:]
+        print(f"{student_id}: {card['files'][0]['bundled']} ({card['files'][0]['size']:,} bytes)")
+    BUILTIN_REGISTRY.write_text(json.dumps(registry, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {BUILTIN_REGISTRY}")
+
+
+if __name__ == "__main__":
+    main()
