@@ -19,10 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "MeshNetLesion"), str(ROOT / "benchmarks")]
 
-from machine import describe, machine  # noqa: E402
-
 from meshnet_lesion import Segmenter, load_volume  # noqa: E402
 from meshnet_lesion.distill import STATE_METADATA_KEY, student  # noqa: E402
+from meshnet_lesion.machine import describe, machine  # noqa: E402
 from meshnet_lesion.metrics import dice  # noqa: E402
 from meshnet_lesion.model import MeshNet  # noqa: E402
 from meshnet_lesion.registry import Registry  # noqa: E402
