@@ -61,11 +61,11 @@ synthetic-models: env
 # Resumable: each run writes its state to training/distill/*.state every 25 steps; run it again (any
 # machine) to continue.
 DISTILL = $(BIN)/meshnet-lesion train "$$($(BIN)/meshnet-lesion models fetch sample-arc-m2265-t2w)" \
-	--teacher arc-meshnet26 --steps 2000 --crop 64 --lr 2e-3 --save-every 25 --teacher-cache training/.work/teacher \
+	--teacher arc-meshnet26 --steps 2000 --crop 64 --save-every 25 --teacher-cache training/.work/teacher \
 	--lesions $(MESHNET_LESION_MIRROR)/lesions/soop
 distill-students: env
-	$(DISTILL) --channels 16 -o training/distill/meshnet16-arc26.safetensors --state training/distill/meshnet16-arc26.state
-	$(DISTILL) --channels 5 -o training/distill/meshnet5-arc26.safetensors --state training/distill/meshnet5-arc26.state
+	$(DISTILL) --channels 16 --lr 1e-3 -o training/distill/meshnet16-arc26.safetensors --state training/distill/meshnet16-arc26.state
+	$(DISTILL) --channels 5 --lr 2e-3 -o training/distill/meshnet5-arc26.safetensors --state training/distill/meshnet5-arc26.state
 
 $(VENV)/.bench: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[test,preview,bench]"
