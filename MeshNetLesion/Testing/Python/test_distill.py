@@ -193,7 +193,7 @@ def test_painted_samples_carry_ground_truth_there_and_the_teacher_elsewhere(shar
     assert all((a is None and b is None) or np.array_equal(a, b) for a, b in zip(first, again))
 
 
-def test_train_with_a_teacher_stops_resumes_and_writes_an_importable_student(shared, tmp_path, capsys):
+def test_train_with_a_teacher_stops_resumes_and_writes_an_importable_student(shared, tmp_path, capsys, monkeypatch):
     """The command line: ``train IMAGE --teacher ID`` stops after --session-steps with its state saved, the
     same command finishes the run, and the student it writes records its run and imports as a model."""
     import json
@@ -205,6 +205,7 @@ def test_train_with_a_teacher_stops_resumes_and_writes_an_importable_student(sha
     from meshnet_lesion.model import build_meshnet
     from meshnet_lesion.registry import Registry
 
+    monkeypatch.setenv("MESHNET_LESION_CACHE", str(tmp_path / "cache"))   # its imports stay out of other tests
     teacher_folder = tmp_path / "teacher"
     teacher_folder.mkdir()
     torch.manual_seed(1)
