@@ -22,15 +22,13 @@ sys.path.insert(0, str(ROOT / "MeshNetLesion"))
 
 from safetensors import safe_open  # noqa: E402
 
+from meshnet_lesion.machine import describe  # noqa: E402
 from meshnet_lesion.registry import BUILTIN_REGISTRY, sha256_of  # noqa: E402
 
 RUNS = ROOT / "training" / "distill"
 WEIGHTS = BUILTIN_REGISTRY.parent / "weights"
 SOOP = ("SOOP lesion masks (Stroke Outcome Optimization Project, OpenNeuro ds004889, CC0; "
         "github.com/neurolabusc/StrokeOutcomeOptimizationProjectDemo)")
-QUALITY_CASES = ("skull-stripped", "intensity x0.5", "intensity x3", "gamma 0.7", "gamma 1.4", "bias field 20%",
-                 "12-bit integers", "1x1x3 mm axial", "2 mm isotropic")
-LESION_FREE = ("mirrored healthy hemisphere", "synthetic lesion-free", "synthetic lesion-free (M2265 contrast)")
 
 
 def entry(student_id: str, registry: dict, quality: dict | None) -> dict:
@@ -70,7 +68,7 @@ def entry(student_id: str, registry: dict, quality: dict | None) -> dict:
         "source": "this extension (training/distill, meshnet-lesion train --teacher)",
         "citation": teacher["citation"],
         "training_data": (f"No lesion masks of ARC. Soft targets of {run['teacher']} on one ARC scan (M2265, "
-                          f"OpenNeuro ds004884, CC0) and the training split of {len_or(run)} {SOOP}; "
+                          f"OpenNeuro ds004884, CC0) and the training split of {run.get('painted_lesions') or 'no'} {SOOP}; "
                           f"{run['steps']} steps, {hours:.1f} h of CPU time: {ran_on}."),
         "input_convention": teacher["input_convention"],
         "standardization_note": member.get("standardization_note", ""),
@@ -86,22 +84,20 @@ def entry(student_id: str, registry: dict, quality: dict | None) -> dict:
     return card
 
 
-def len_or(run: dict) -> str:
-    return f"{run['painted_lesions']:,}" if run.get("painted_lesions") else "no"
-
-
 def measured(student_id: str, teacher_id: str, quality: dict) -> dict:
     """The suite's figures for the student beside its teacher's, from one run of benchmarks/quality.py."""
     rows = quality["models"]
-    out = {"command": quality["command"], "machine": quality["machine"].get("describe") or str(quality["machine"])}
+    out = {"command": quality["command"], "machine": describe(quality["machine"])}
     for model_id, key in ((student_id, "student"), (teacher_id, "teacher")):
         row = rows.get(model_id)
         if row is None:
             continue
         figures = {"M2265 lesion mL": round(row["original"]["lesion_ml"], 1),
                    "seconds (M2265)": round(row["original"]["seconds"], 1)}
-        figures |= {f"{case}: Dice": round(row[case]["dice"], 3) for case in QUALITY_CASES if case in row}
-        figures |= {f"{case}: mL": round(row[case]["false_positive_ml"], 2) for case in LESION_FREE if case in row}
+        cases = {case: f for case, f in row.items() if isinstance(f, dict) and case != "synthetic held-out"}
+        figures |= {f"{case}: Dice": round(f["dice"], 3) for case, f in cases.items() if "dice" in f}
+        figures |= {f"{case}: mL": round(f["false_positive_ml"], 2) for case, f in cases.items()
+                    if "false_positive_ml" in f}
         if "synthetic held-out" in row:
             figures |= {f"synthetic held-out: {k}": round(row["synthetic held-out"][k], 3)
                         for k in ("dice", "avd", "mcc")}
