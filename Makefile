@@ -13,7 +13,7 @@ DEMO_DIR ?= demo-output
 # venv of its own (tinygrad; its CPU backend compiles kernels with clang).
 BRAINCHOP_VENV ?= .venv-brainchop
 
-.PHONY: test demo env bench quality fuzz synthetic-models clean
+.PHONY: test demo env bench quality fuzz synthetic-models distill-students ship-students clean
 
 env: $(VENV)/.installed
 
@@ -66,6 +66,15 @@ DISTILL = $(BIN)/meshnet-lesion train "$$($(BIN)/meshnet-lesion models fetch sam
 distill-students: env
 	$(DISTILL) --channels 16 --lr 1e-3 -o training/distill/meshnet16-arc26.safetensors --state training/distill/meshnet16-arc26.state
 	$(DISTILL) --channels 5 --lr 2e-3 -o training/distill/meshnet5-arc26.safetensors --state training/distill/meshnet5-arc26.state
+
+# The finished students into meshnet_lesion/weights/ and models.json; then the suite's robustness part
+# with their teacher in the same run, and their cards again with its figures. Review before committing.
+STUDENTS = meshnet16-arc26,meshnet5-arc26
+ship-students: env
+	$(BIN)/python training/ship_students.py --students $(STUDENTS)
+	$(BIN)/python benchmarks/quality.py --models arc-meshnet26,$(STUDENTS) --part robustness \
+	    --report benchmarks/results/quality-students.json
+	$(BIN)/python training/ship_students.py --students $(STUDENTS) --quality benchmarks/results/quality-students.json
 
 $(VENV)/.bench: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[test,preview,bench]"

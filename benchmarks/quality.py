@@ -154,7 +154,7 @@ def conventions(registry: Registry, shared: Path, scan: Volume, models: list[str
     path.write_text(json.dumps({"schema_version": 1, "models": entries, "samples": []}), encoding="utf-8")
     local = Registry(path, mirror=shared)
     healthy = perturb.mirrored_healthy_hemisphere(scan, "L")
-    out: dict = {"conventions": [], "right_hemisphere": {}}
+    out: dict = {"conventions": []}
     for entry_id, (model_id, label) in labels.items():
         segmenter = Segmenter(entry_id, registry=local, device="cpu", brain_mask=False, standardize=False)
         row = {"model": model_id, "convention": label, "lesion_ml": segmenter.segment(scan).lesion_volume_ml,
@@ -162,17 +162,24 @@ def conventions(registry: Registry, shared: Path, scan: Volume, models: list[str
         out["conventions"].append(row)
         print(f"{model_id:24} {label:56} M2265 {row['lesion_ml']:6.1f} mL, lesion-free scan "
               f"{row['lesion_free_ml']:6.1f} mL", flush=True)
+    out["right_hemisphere"] = right_hemisphere(registry, scan, models)
+    return out
+
+
+def right_hemisphere(registry: Registry, scan: Volume, models: list[str]) -> dict:
+    """Every model on M2265 mirrored left to right: its lesion in the right hemisphere, which no ARC scan
+    (an aphasia cohort) has. Dice: the mirrored result mirrored back against the unmirrored one."""
+    out = {}
     flipped = perturb.left_right_flipped(scan)
     for model_id in models:
         segmenter = Segmenter(model_id, registry=registry, device="cpu")
         original = segmenter.segment(scan).labels == 1
         result = segmenter.segment(flipped)
         back = perturb.left_right_flipped(Volume(result.labels, scan.affine)).array == 1
-        out["right_hemisphere"][model_id] = {"lesion_ml": result.lesion_volume_ml,
-                                             "original_ml": float(original.sum()) * result.voxel_volume_ml,
-                                             "dice": dice(back, original)}
+        out[model_id] = {"lesion_ml": result.lesion_volume_ml,
+                         "original_ml": float(original.sum()) * result.voxel_volume_ml, "dice": dice(back, original)}
         print(f"{model_id:24} M2265 mirrored left to right: {result.lesion_volume_ml:6.1f} mL (unmirrored "
-              f"{out['right_hemisphere'][model_id]['original_ml']:.1f}), Dice {dice(back, original):.3f}", flush=True)
+              f"{out[model_id]['original_ml']:.1f}), Dice {out[model_id]['dice']:.3f}", flush=True)
     return out
 
 
@@ -180,7 +187,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--synthetic", type=int, default=2, help="volumes in each synthetic set (0: none)")
-    parser.add_argument("--part", choices=("robustness", "conventions", "all"), default="all")
+    parser.add_argument("--part", choices=("robustness", "conventions", "right-hemisphere", "all"), default="all")
     parser.add_argument("--cases", default=",".join(AGREEMENT + LESION_FREE),
                         help="the agreement and lesion-free cases to run (comma-separated; default: all)")
     parser.add_argument("--report", type=Path, default=RESULTS)
@@ -191,16 +198,19 @@ def main() -> int:
     info = machine()
     print(f"machine: {describe(info)}")
     models = args.models.split(",")
-    if args.part == "conventions":
+    if args.part in ("conventions", "right-hemisphere"):
+        part = (conventions(registry, shared, scan, models) if args.part == "conventions" else
+                {"right_hemisphere": right_hemisphere(registry, scan, models)})
         results = {"machine": info, "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                   **conventions(registry, shared, scan, models)}
-        report = args.report.with_name(args.report.stem + "-conventions.json")
+                   "date": time.strftime("%Y-%m-%d"), **part}
+        report = args.report.with_name(f"{args.report.stem}-{args.part}.json")
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(results, indent=1, default=float) + "\n", encoding="utf-8")
         print(f"wrote {report}")
         return 0
     segmenters = {m: Segmenter(m, registry=registry, device="cpu") for m in models}
-    results: dict = {"machine": info, "command": " ".join([Path(sys.executable).name, *sys.argv]), "models": {}}
+    results: dict = {"machine": info, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                     "date": time.strftime("%Y-%m-%d"), "models": {}}
 
     originals = {}
     for model_id, segmenter in segmenters.items():

@@ -31,7 +31,7 @@ SOOP = ("SOOP lesion masks (Stroke Outcome Optimization Project, OpenNeuro ds004
         "github.com/neurolabusc/StrokeOutcomeOptimizationProjectDemo)")
 
 
-def entry(student_id: str, registry: dict, quality: dict | None) -> dict:
+def entry(student_id: str, registry: dict, quality: dict | None, report: Path | None = None) -> dict:
     source = RUNS / f"{student_id}.safetensors"
     with safe_open(str(source), framework="numpy") as handle:
         run = json.loads(handle.metadata()["meshnet_distillation"])
@@ -50,7 +50,7 @@ def entry(student_id: str, registry: dict, quality: dict | None) -> dict:
     ran_on = "; ".join(parts)
     card = {
         "id": student_id,
-        "title": f"MeshNet-{channels} (distilled from {teacher['title']})",
+        "title": f"MeshNet-{channels}, distilled from {teacher['title']}",
         "task": "lesion",
         "version": f"distilled from {run['teacher']}, {run['steps']} steps",
         "input": teacher["input"],
@@ -80,31 +80,38 @@ def entry(student_id: str, registry: dict, quality: dict | None) -> dict:
                                                    "painted_lesions", "seconds")} | {"machine": ran_on},
     }
     if quality is not None:
-        card["measured"] = measured(student_id, run["teacher"], quality)
+        card["measured"] = measured(student_id, run["teacher"], quality, report)
     return card
 
 
-def measured(student_id: str, teacher_id: str, quality: dict) -> dict:
-    """The suite's figures for the student beside its teacher's, from one run of benchmarks/quality.py."""
+def measured(student_id: str, teacher_id: str, quality: dict, report: Path) -> list[dict]:
+    """The suite's figures for the student, each beside its teacher's from the same run of
+    benchmarks/quality.py, as the card's ``measured`` items (name, value, source)."""
     rows = quality["models"]
-    out = {"command": quality["command"], "machine": describe(quality["machine"])}
-    for model_id, key in ((student_id, "student"), (teacher_id, "teacher")):
-        row = rows.get(model_id)
-        if row is None:
+    student, teacher = rows[student_id], rows[teacher_id]
+    source = (f"{quality['command']}, {quality.get('date', 'date not recorded')}, "
+              f"{describe(quality['machine'])} ({report})")
+    items = [("M2265 (ARC sample, a training subject of the teacher): lesion",
+              f"{student['original']['lesion_ml']:.1f} mL (teacher {teacher['original']['lesion_ml']:.1f} mL)")]
+    if "dice_vs_teacher" in student:
+        items.append(("M2265: Dice against the teacher", f"{student['dice_vs_teacher']:.3f}"))
+    for case, figures in student.items():
+        if not isinstance(figures, dict) or case not in teacher:
             continue
-        figures = {"M2265 lesion mL": round(row["original"]["lesion_ml"], 1),
-                   "seconds (M2265)": round(row["original"]["seconds"], 1)}
-        cases = {case: f for case, f in row.items() if isinstance(f, dict) and case != "synthetic held-out"}
-        figures |= {f"{case}: Dice": round(f["dice"], 3) for case, f in cases.items() if "dice" in f}
-        figures |= {f"{case}: mL": round(f["false_positive_ml"], 2) for case, f in cases.items()
-                    if "false_positive_ml" in f}
-        if "synthetic held-out" in row:
-            figures |= {f"synthetic held-out: {k}": round(row["synthetic held-out"][k], 3)
-                        for k in ("dice", "avd", "mcc")}
-        out[key] = figures
-    if "dice_vs_teacher" in rows.get(student_id, {}):
-        out["M2265 Dice against the teacher"] = round(rows[student_id]["dice_vs_teacher"], 3)
-    return out
+        if "dice" in figures and case != "synthetic held-out":
+            items.append((f"M2265 {case}: Dice vs the unmodified result",
+                          f"{figures['dice']:.3f} (teacher {teacher[case]['dice']:.3f})"))
+        elif "false_positive_ml" in figures:
+            items.append((f"{case} (lesion-free): lesion found",
+                          f"{figures['false_positive_ml']:.2f} mL (teacher {teacher[case]['false_positive_ml']:.2f} mL)"))
+    if "synthetic held-out" in student and "synthetic held-out" in teacher:
+        held, taught = student["synthetic held-out"], teacher["synthetic held-out"]
+        items.append((f"synthetic held-out set ({len(held['volumes'])} volumes): Dice / AVD / MCC",
+                      f"{held['dice']:.3f} / {held['avd']:.3f} / {held['mcc']:.3f} "
+                      f"(teacher {taught['dice']:.3f} / {taught['avd']:.3f} / {taught['mcc']:.3f})"))
+    items.append(("M2265 on the CPU: seconds (preprocessing, brain mask, network)",
+                  f"{student['original']['seconds']:.0f} s (teacher {teacher['original']['seconds']:.0f} s)"))
+    return [{"name": name, "value": value, "source": source} for name, value in items]
 
 
 def main() -> None:
@@ -115,7 +122,7 @@ def main() -> None:
     registry = json.loads(BUILTIN_REGISTRY.read_text(encoding="utf-8"))
     quality = json.loads(args.quality.read_text(encoding="utf-8")) if args.quality else None
     for student_id in args.students.split(","):
-        card = entry(student_id, registry, quality)
+        card = entry(student_id, registry, quality, args.quality)
         models = [m for m in registry["models"] if m["id"] != student_id]
         at = next(i for i, m in enumerate(models) if m["id"] == card["distillation"]["teacher"])
         registry["models"] = models[:at] + [card] + models[at:]

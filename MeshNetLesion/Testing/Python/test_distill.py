@@ -231,3 +231,22 @@ def test_train_with_a_teacher_stops_resumes_and_writes_an_importable_student(sha
     folder.mkdir()
     output.rename(folder / output.name)
     assert Registry().import_folder(folder, "tiny-student").id == "tiny-student"
+
+
+# Each shipped student's least Dice against its teacher on M2265: what the suite measured (0.778 and 0.880,
+# benchmarks/results/quality-students.json) less a margin for bf16 rounding and the machine; the bars the
+# students were trained to are 0.75 (MeshNet-5) and 0.85 (MeshNet-16).
+SHIPPED = {"meshnet5-arc26": 0.76, "meshnet16-arc26": 0.87}
+
+
+@pytest.mark.parametrize(("student_id", "least"), SHIPPED.items())
+def test_a_shipped_student_finds_its_teachers_lesion_on_m2265(registry, arc_volume, arc_result, student_id, least):
+    """A bundled student, run as users run it, against its teacher (the default model) on the real ARC scan."""
+    from meshnet_lesion import Segmenter
+    from meshnet_lesion.metrics import dice
+
+    entry = registry.get(student_id)
+    assert entry.card["distillation"]["teacher"] == arc_result.model_id
+    assert all(f.bundled is not None for f in entry.files)        # ships with the extension: no download
+    result = Segmenter(student_id, registry=registry, device="cpu").segment(arc_volume)
+    assert dice(result.labels == 1, arc_result.labels == 1) >= least
