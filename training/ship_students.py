@@ -7,7 +7,8 @@ A student is finished when ``make distill-students`` has written ``training/dist
 (the run's last step). Its card records the run (teacher, steps, seconds, the machine that ran it, from
 the file's own metadata: each session's machine) and, with ``--quality``, the figures
 that ``benchmarks/quality.py`` measured for it and for its teacher in the same run. Rerunning replaces
-the entries; other entries are left as they are.
+the entries (keeping measured figures it does not produce, e.g. ``--part right-hemisphere``'s); other
+entries are left as they are.
 """
 from __future__ import annotations
 
@@ -123,6 +124,11 @@ def main() -> None:
     quality = json.loads(args.quality.read_text(encoding="utf-8")) if args.quality else None
     for student_id in args.students.split(","):
         card = entry(student_id, registry, quality, args.quality)
+        previous = next((m for m in registry["models"] if m["id"] == student_id), {})
+        made = {item["name"] for item in card.get("measured", [])}
+        kept = [item for item in previous.get("measured", []) if item["name"] not in made]   # other benchmarks' figures
+        if kept or made:
+            card["measured"] = card.get("measured", []) + kept
         models = [m for m in registry["models"] if m["id"] != student_id]
         at = next(i for i, m in enumerate(models) if m["id"] == card["distillation"]["teacher"])
         registry["models"] = models[:at] + [card] + models[at:]
