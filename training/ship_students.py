@@ -103,7 +103,7 @@ def measured(student_id: str, teacher_id: str, quality: dict, report: Path) -> l
             items.append((f"M2265 {case}: Dice vs the unmodified result",
                           f"{figures['dice']:.3f} (teacher {teacher[case]['dice']:.3f})"))
         elif "false_positive_ml" in figures:
-            items.append((f"{case} (lesion-free): lesion found",
+            items.append((f"{case}{'' if 'lesion-free' in case else ' (lesion-free)'}: lesion found",
                           f"{figures['false_positive_ml']:.2f} mL (teacher {teacher[case]['false_positive_ml']:.2f} mL)"))
     if "synthetic held-out" in student and "synthetic held-out" in teacher:
         held, taught = student["synthetic held-out"], teacher["synthetic held-out"]
@@ -125,10 +125,11 @@ def main() -> None:
     for student_id in args.students.split(","):
         card = entry(student_id, registry, quality, args.quality)
         previous = next((m for m in registry["models"] if m["id"] == student_id), {})
-        made = {item["name"] for item in card.get("measured", [])}
-        kept = [item for item in previous.get("measured", []) if item["name"] not in made]   # other benchmarks' figures
-        if kept or made:
-            card["measured"] = card.get("measured", []) + kept
+        made = card.get("measured", [])
+        kept = [item for item in previous.get("measured", [])                  # other benchmarks' figures
+                if item["source"] not in {i["source"] for i in made} and item["name"] not in {i["name"] for i in made}]
+        if made or kept:
+            card["measured"] = made + kept
         models = [m for m in registry["models"] if m["id"] != student_id]
         at = next(i for i, m in enumerate(models) if m["id"] == card["distillation"]["teacher"])
         registry["models"] = models[:at] + [card] + models[at:]
