@@ -24,6 +24,9 @@ mask, standardisation, restriction, back to the source grid). For each model:
   mL and the lesion mL on the lesion-free mirrored-hemisphere scan; and every model on M2265 mirrored
   left to right (its lesion in the right hemisphere, which no ARC scan has).
 
+A model may be named with ``:mirror`` or ``:one-pass`` (e.g. ``arc-meshnet26:one-pass``) to run it
+with or without the mirrored pass whatever its card says, so both stand side by side in one run.
+
 It prints a table and writes ``benchmarks/results/quality.json`` (with the machine). M2265 is a training
 subject of every ARC model here: these are robustness and agreement checks, not accuracy on unseen scans.
 """
@@ -61,6 +64,15 @@ TEMPLATE_SHA256 = "421a10e872fd6cadae7f61d358dffbcc1795a497d61ee76c5dda2503e1a1e
 AGREEMENT = ("skull-stripped", "intensity x0.5", "intensity x3", "gamma 0.7", "gamma 1.4", "bias field 20%",
              "12-bit integers", "1x1x3 mm axial", "2 mm isotropic")
 LESION_FREE = ("mirrored healthy hemisphere", "synthetic lesion-free", "synthetic lesion-free (M2265 contrast)")
+
+
+def segmenter_for(name: str, registry: Registry, **options) -> Segmenter:
+    """``model-id`` as its card says, ``model-id:mirror`` / ``model-id:one-pass`` with or without the mirrored pass."""
+    model_id, _, variant = name.partition(":")
+    if variant not in ("", "mirror", "one-pass"):
+        raise SystemExit(f"{name}: a model variant is ':mirror' or ':one-pass'")
+    mirror = {"": None, "mirror": True, "one-pass": False}[variant]
+    return Segmenter(model_id, registry=registry, device="cpu", mirror=mirror, **options)
 
 
 def agreement_cases(scan: Volume, brain: np.ndarray) -> dict[str, Volume]:
@@ -156,7 +168,8 @@ def conventions(registry: Registry, shared: Path, scan: Volume, models: list[str
     healthy = perturb.mirrored_healthy_hemisphere(scan, "L")
     out: dict = {"conventions": []}
     for entry_id, (model_id, label) in labels.items():
-        segmenter = Segmenter(entry_id, registry=local, device="cpu", brain_mask=False, standardize=False)
+        segmenter = Segmenter(entry_id, registry=local, device="cpu", brain_mask=False, standardize=False,
+                              mirror=False)
         row = {"model": model_id, "convention": label, "lesion_ml": segmenter.segment(scan).lesion_volume_ml,
                "lesion_free_ml": segmenter.segment(healthy).lesion_volume_ml}
         out["conventions"].append(row)
@@ -172,7 +185,7 @@ def right_hemisphere(registry: Registry, scan: Volume, models: list[str]) -> dic
     out = {}
     flipped = perturb.left_right_flipped(scan)
     for model_id in models:
-        segmenter = Segmenter(model_id, registry=registry, device="cpu")
+        segmenter = segmenter_for(model_id, registry)
         original = segmenter.segment(scan).labels == 1
         result = segmenter.segment(flipped)
         back = perturb.left_right_flipped(Volume(result.labels, scan.affine)).array == 1
@@ -208,7 +221,7 @@ def main() -> int:
         report.write_text(json.dumps(results, indent=1, default=float) + "\n", encoding="utf-8")
         print(f"wrote {report}")
         return 0
-    segmenters = {m: Segmenter(m, registry=registry, device="cpu") for m in models}
+    segmenters = {m: segmenter_for(m, registry) for m in models}
     results: dict = {"machine": info, "command": " ".join([Path(sys.executable).name, *sys.argv]),
                      "date": time.strftime("%Y-%m-%d"), "models": {}}
 

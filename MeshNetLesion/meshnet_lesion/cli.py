@@ -286,6 +286,12 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-standardize", dest="standardize", action="store_false", default=None,
                         help="feed the model its normalised scan as it is, without mapping the brain's intensities "
                              "onto the model's reference landmarks")
+    mirror = parser.add_mutually_exclusive_group()
+    mirror.add_argument("--mirror", dest="mirror", action="store_true", default=None,
+                        help="also run the lesion model on the scan mirrored left to right and keep a lesion either "
+                             "pass finds (twice the network time; on by default for the ARC-trained models, which "
+                             "miss right-hemisphere lesions without it)")
+    mirror.add_argument("--no-mirror", dest="mirror", action="store_false", help="one pass, as the model was trained")
     parser.add_argument("--min-lesion-ml", type=float, default=0.0, help="drop lesion components smaller than this")
     parser.add_argument("--no-crop", action="store_true", help="run on the whole 256³ grid instead of the head box")
 
@@ -344,7 +350,7 @@ def _segmenter(args: argparse.Namespace):
     from .pipeline import Segmenter
 
     return Segmenter(args.model, device=args.device, precision=args.precision, brain_mask=args.brain_mask,
-                     standardize=args.standardize, min_lesion_ml=args.min_lesion_ml,
+                     standardize=args.standardize, min_lesion_ml=args.min_lesion_ml, mirror=args.mirror,
                      crop_margin=None if args.no_crop else "auto",
                      download_progress=None if args.quiet else _download_printer())
 
@@ -377,7 +383,7 @@ def _segment_study(args: argparse.Namespace) -> int:
         pooch.get_logger().setLevel(logging.WARNING)
     segmenter = _segmenter(args)
     options = {"brain_mask": args.brain_mask, "standardize": args.standardize, "min_lesion_ml": args.min_lesion_ml,
-               "crop": not args.no_crop, "precision": args.precision}
+               "mirror": segmenter.mirror, "crop": not args.no_crop, "precision": args.precision}
     runner = cohort.Cohort(segmenter, args.output, options, probseg=args.probseg, overwrite=args.overwrite)
     tally = runner.run(scans, _StudyProgress(sys.stderr.isatty(), args.quiet))
     print(f"{tally.total} scan(s): {tally.done} segmented, {tally.skipped} already current, {tally.failed} failed"
@@ -430,6 +436,7 @@ def _submit(args: argparse.Namespace) -> int:
     argv += ["--model", args.model] if args.model else []
     argv += [] if args.brain_mask is None else ["--brain-mask" if args.brain_mask else "--no-brain-mask"]
     argv += ["--no-standardize"] if args.standardize is False else []
+    argv += [] if args.mirror is None else ["--mirror" if args.mirror else "--no-mirror"]
     argv += ["--no-crop"] if args.no_crop else []
     for flag, values in (("--participant-label", args.participant_label), ("--session-label", args.session_label),
                          ("--acq", args.acq)):

@@ -4,7 +4,8 @@
     network on its own grid → brain mask, carried onto the model's grid] → normalise (per model)
     → standardise the brain's intensities onto the model's landmarks → crop to the head (+ margin), or
     to the brain (+ margin, the rest as background) when the labels are restricted to it
-    → network (an ensemble: each member, mean of probabilities)
+    → network (an ensemble: each member, mean of probabilities; a mirrored model: again on the scan
+    mirrored left to right, the lesion probability the higher of the two)
     → restrict to brain / largest component → uncrop → back to the source grid (lesion probability
     trilinear, then > 0.5; labels nearest) → minimum lesion size (in the source grid, in mL)
 """
@@ -63,11 +64,15 @@ class Segmenter:
 
     def __init__(self, model_id: str | None = None, *, registry: Registry | None = None, device: str = "auto",
                  precision: str = "auto", brain_mask: bool | None = None, standardize: bool | None = None,
-                 min_lesion_ml: float = 0.0, crop_margin: int | None | str = "auto",
+                 min_lesion_ml: float = 0.0, crop_margin: int | None | str = "auto", mirror: bool | None = None,
                  download_progress: DownloadProgress | None = None) -> None:
         """``brain_mask``: run brain extraction and restrict labels to the brain (None: the model card's
         choice). ``standardize``: map the brain's intensities onto the model's landmarks (None: whenever
-        the brain mask is computed and the model has landmarks; True runs brain extraction for it alone)."""
+        the brain mask is computed and the model has landmarks; True runs brain extraction for it alone).
+        ``mirror``: also run a lesion model on the scan mirrored left to right and keep the higher lesion
+        probability of the two (None: the model card's choice). The ARC-trained models were trained on an
+        aphasia cohort, almost all left-hemisphere lesions, and miss a right-hemisphere one; the mirrored
+        pass shows them that lesion on the side they know, at twice the network time."""
         self.registry = registry or Registry()
         self.entry: Entry = self.registry.get(model_id) if model_id else self.registry.default_model()
         if self.entry.kind != "model":
@@ -100,6 +105,9 @@ class Segmenter:
             brain_entry = self.registry.get(BRAIN_MODEL_ID)
             self.brain_engine = self._engine(brain_entry.id, self.registry.load(brain_entry, download_progress),
                                              device, precision)
+        self.mirror = bool(self.entry.card.get("inference", {}).get("mirror", False) if mirror is None else mirror)
+        if self.mirror and self.task != "lesion":
+            raise ModelError(f"{self.entry.id} is not a lesion model: only a lesion model's pass can be mirrored")
         self.min_lesion_ml = float(min_lesion_ml)
         self.crop_margin = (self.entry.card.get("inference", {}).get("crop_margin", CROP_MARGIN)
                             if crop_margin == "auto" else crop_margin)
@@ -159,16 +167,23 @@ class Segmenter:
         lesion_task = self.task == "lesion"
         ensemble = len(self.engines) > 1
         wanted = [1] if lesion_task else (list(range(self.spec.num_classes)) if probabilities or ensemble else [])
-        outputs = []
+        axis = left_right_axis(grid) if self.mirror else None
+        passes = [x] if axis is None else [x, np.ascontiguousarray(np.flip(x, axis))]
+        outputs: list[list[EngineOutput]] = [[] for _ in passes]
         position = prepared.progress_done
         for index, engine in enumerate(self.engines):
-            label = f"segmenting (model {index + 1} of {len(self.engines)})" if ensemble else "segmenting"
-            share = self._share(engine)
-            outputs.append(engine.run(x, probability_classes=wanted, progress=stages.within(position, share, label),
-                                      cancel=stages.cancel, surround=surround))
-            warnings += outputs[-1].warnings
-            position += share
-        labels_in_box, probabilities_in_box = _combine(outputs, lesion_task)
+            share = self._share(engine) / len(passes)
+            for side, values in enumerate(passes):
+                label = "segmenting" + (f" (model {index + 1} of {len(self.engines)})" if ensemble else "") + \
+                    (" mirrored" if side else "")
+                outputs[side].append(engine.run(values, probability_classes=wanted, cancel=stages.cancel,
+                                                progress=stages.within(position, share, label), surround=surround))
+                warnings += outputs[side][-1].warnings
+                position += share
+        labels_in_box, probabilities_in_box = _combine(outputs[0], lesion_task)
+        if axis is not None:
+            probabilities_in_box = np.maximum(probabilities_in_box, np.flip(_combine(outputs[1], True)[1], axis + 1))
+            labels_in_box = (probabilities_in_box[0] > 0.5).astype(np.uint8)
         timings["network"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -181,8 +196,8 @@ class Segmenter:
         timings["total"] = time.perf_counter() - started
         stages.report(1.0, "done")
         return SegmentationResult(labels, volume.affine.copy(), probs, self.entry.id, self.task, self.spec.classes,
-                                  outputs[0].device, outputs[0].precision, self.restrict, self.min_lesion_ml,
-                                  timings, list(dict.fromkeys(warnings)), source_brain, standardized,
+                                  outputs[0][0].device, outputs[0][0].precision, self.restrict, self.min_lesion_ml,
+                                  timings, list(dict.fromkeys(warnings)), source_brain, standardized, self.mirror,
                                   model_version=str(self.entry.card.get("version", "")),
                                   model_files={f.name: f.sha256 for member in self.registry.members(self.entry)
                                                for f in member.files},
@@ -264,6 +279,11 @@ def model_grid(volume: Volume, spec: InputSpec, cache: dict[InputSpec, Conformed
         made = conform(volume) if spec.grid == "conform" else zoom_to_grid(volume)
         cache[spec] = reorient(made, spec.orientation)
     return cache[spec]
+
+
+def left_right_axis(grid: Conformed) -> int:
+    """The voxel axis of ``grid`` that runs left to right (the one whose direction is most along RAS x)."""
+    return int(np.argmax(np.abs(grid.affine[0, :3])))
 
 
 def cropped(x: np.ndarray, box: tuple[slice, ...]) -> tuple[np.ndarray, int]:

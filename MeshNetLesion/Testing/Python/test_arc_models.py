@@ -13,9 +13,10 @@ from scipy import ndimage
 from torch import nn
 
 from meshnet_lesion import ModelError, Registry, Segmenter, Volume, build_meshnet, load_model_files, load_volume, save_volume
-from meshnet_lesion.conform import reorient, to_source, zoom_to_grid
+from meshnet_lesion.conform import Conformed, reorient, to_source, zoom_to_grid
 from meshnet_lesion.engine import Engine
 from meshnet_lesion.metrics import dice
+from meshnet_lesion.pipeline import left_right_axis
 from meshnet_lesion.preprocess import brain_percentiles, normalize, standardize
 from meshnet_lesion.spec import InputSpec, ModelSpec, Normalization, Standardization, paper_spec
 
@@ -169,13 +170,13 @@ def test_arc_meshnet26_through_our_pipeline_is_the_replications_own_result_on_m2
     # one restart, as the replication ran it: their recipe, no brain mask, no standardisation
     theirs = _their_labels_on(arc_volume, probabilities["arc-meshnet26-r2"] > 0.5)
     plain = Segmenter("arc-meshnet26-r2", registry=registry, device="cpu", precision="fp32", brain_mask=False,
-                      standardize=False)
+                      standardize=False, mirror=False)
     ours = plain.segment(arc_volume).labels
     assert dice(ours, theirs) >= 0.999
     assert 75 < ours.sum() / 1000 < 83                                    # 79 mL by the replication's recipe
     # the default (the three restarts' mean, standardised to M2265's own landmarks, on the brain's box + 24
-    # with the rest of the grid as background, inside the brain; in ``auto`` precision, bf16 where this CPU
-    # runs it faster) against the three in fp32 on the whole grid
+    # with the rest of the grid as background, inside the brain, also on the mirrored scan; in ``auto``
+    # precision, bf16 where this CPU runs it faster) against the three in fp32 on the whole grid, one pass
     ensemble = _their_labels_on(arc_volume, np.mean(list(probabilities.values()), axis=0) > 0.5)
     assert arc_result.model_id == "arc-meshnet26"
     assert dice(arc_result.labels, ensemble & arc_result.brain) >= 0.99
@@ -200,8 +201,8 @@ def ensemble_registry(tmp_path, shared):
 
 @pytest.mark.slow
 def test_an_ensemble_averages_its_members_probabilities(ensemble_registry, arc_volume):
-    runs = {name: Segmenter(name, registry=ensemble_registry, device="cpu", brain_mask=False, standardize=False)
-            .segment(arc_volume, probabilities=True)
+    runs = {name: Segmenter(name, registry=ensemble_registry, device="cpu", brain_mask=False, standardize=False,
+                            mirror=False).segment(arc_volume, probabilities=True)
             for name in ("t2lesion-meshnet11", "brainchop-arc-meshnet11", "pair")}
     first, second = runs["t2lesion-meshnet11"], runs["brainchop-arc-meshnet11"]
     mean = (first.probabilities + second.probabilities) / 2
@@ -222,6 +223,19 @@ def test_an_ensemble_of_different_input_conventions_is_refused(ensemble_registry
     local = Registry(tmp_path / "models.json", cache_dir=tmp_path / "cache", mirror=ensemble_registry.mirror)
     with pytest.raises(ModelError, match="differ in input convention"):
         Segmenter("pair", registry=local, device="cpu", brain_mask=False, standardize=False)
+
+
+def test_only_a_lesion_models_pass_is_mirrored_along_the_grids_left_right_axis(registry):
+    with pytest.raises(ModelError, match="not a lesion model"):
+        Segmenter("brainchop-mindgrab", registry=registry, device="cpu", mirror=True)
+    for codes, axis in (("LIA", 0), ("RAS", 0), ("SRA", 1), ("ASL", 2)):
+        affine = np.eye(4)                                   # column i: the RAS direction of voxel axis i
+        for column, code in enumerate(codes):
+            row = "RAS".find(code) if code in "RAS" else "LPI".find(code)
+            affine[:3, column] = 0
+            affine[row, column] = 1 if code in "RAS" else -1
+        grid = Conformed(np.zeros((2, 2, 2), np.uint8), affine, (2, 2, 2), np.eye(4))
+        assert left_right_axis(grid) == axis, codes
 
 
 # ------------------------------------------------------------------ the model description

@@ -51,6 +51,7 @@ def test_segment_batch_with_all_outputs(sample_paths, tmp_path):
     for key in ("lesion_volume_ml", "model", "device", "timings_s"):
         assert key in report
     assert report["model"] == "t2lesion-meshnet11" and report["device"] == "cpu" and not report["brain_mask"]
+    assert report["mirrored"]                  # the card's choice: ARC-trained, run on the mirrored scan too
     assert report["lesion_volume_ml"] > 20 and report["timings_s"]["network"] > 0
     # provenance: the model's version and file hashes, the brain-mask model (none here), a timestamp
     from meshnet_lesion.registry import Registry
@@ -72,9 +73,11 @@ def test_segment_batch_with_all_outputs(sample_paths, tmp_path):
 @pytest.mark.slow
 def test_minimum_lesion_size_option(sample_paths, tmp_path):
     done = run("segment", sample_paths["sample-arc-m2265-t2w"], "-o", tmp_path / "l.nii.gz", "--report",
-               tmp_path / "r.json", "--no-brain-mask", "--min-lesion-ml", "100", "-q", "--model", "t2lesion-meshnet11")
+               tmp_path / "r.json", "--no-brain-mask", "--min-lesion-ml", "100", "-q", "--model", "t2lesion-meshnet11",
+               "--no-mirror")
     assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "r.json").read_text())["lesion_volume_ml"] == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["lesion_volume_ml"] == 0 and not report["mirrored"]
     assert np.asarray(nib.load(tmp_path / "l.nii.gz").dataobj).max() == 0
 
 

@@ -50,6 +50,36 @@ def test_arc_scan_has_one_left_hemisphere_lesion_on_its_own_grid(arc_result, arc
     report = arc_result.report()
     assert {"lesion_volume_ml", "model", "device", "timings_s"} <= set(report)
     assert report["model"] == "arc-meshnet26" and report["standardized"] and arc_result.standardized
+    assert report["mirrored"] and arc_result.mirrored  # the card's choice for the ARC-trained models
+
+
+def _around_the_lesion(volume: Volume) -> Volume:
+    """A 160 x 128 x 128 mm part of M2265 (stored LIA), centred left to right on the scan, with its lesion."""
+    corner = np.array([48, 40, 62])
+    affine = volume.affine.copy()
+    affine[:3, 3] = volume.affine[:3, :3] @ corner + volume.affine[:3, 3]
+    box = tuple(slice(start, start + size) for start, size in zip(corner, (160, 128, 128)))
+    return Volume(np.ascontiguousarray(volume.array[box]), affine)
+
+
+def test_the_mirrored_pass_finds_a_right_hemisphere_lesion_the_model_misses(registry, arc_volume):
+    """ARC is an aphasia cohort, its lesions left-hemisphere: its models miss the same lesion on the right
+    (here upstream's 11-channel model: 44 mL on the left, nothing on the right). With the mirrored pass the
+    lesion comes back on either side, and every voxel the single pass finds is kept (the higher probability)."""
+    part = _around_the_lesion(arc_volume)
+    flipped = perturb.left_right_flipped(part)
+    one_pass, both = (Segmenter("t2lesion-meshnet11", registry=registry, device="cpu", precision="fp32",
+                                brain_mask=False, mirror=mirror) for mirror in (False, True))
+    single = one_pass.segment(part, probabilities=True)
+    assert single.lesion_volume_ml > 30 and not single.mirrored
+    assert one_pass.segment(flipped).lesion_volume_ml < 1           # measured 0.0 mL
+    mirrored = both.segment(part, probabilities=True)
+    assert mirrored.mirrored and np.all(mirrored.probabilities >= single.probabilities)
+    assert np.all(mirrored.labels[single.labels == 1] == 1)
+    on_the_right = both.segment(flipped)
+    back = perturb.left_right_flipped(Volume(on_the_right.labels, part.affine)).array
+    score = dice(back == 1, mirrored.labels == 1)
+    assert score >= 0.98, f"Dice {score:.3f}"                       # measured 1.000
 
 
 def _oblique_thick_slices(volume: Volume) -> Volume:
