@@ -26,7 +26,8 @@ _PATTERNS: list[tuple[re.Pattern, Any]] = [
 
 def _fixed() -> dict[str, str]:
     return {"starting": _("starting"), "conforming to 256³ at 1 mm": _("conforming to 256³ at 1 mm"),
-            "brain mask": _("brain mask"), "segmenting": _("segmenting"), "network done": _("network done"),
+            "brain mask": _("brain mask"), "segmenting": _("segmenting"), "mirrored scan": _("mirrored scan"),
+            "network done": _("network done"),
             "back to the source grid": _("back to the source grid"), "creating segments": _("creating segments"),
             "done": _("done")}
 

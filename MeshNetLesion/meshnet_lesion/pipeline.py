@@ -175,7 +175,7 @@ class Segmenter:
             share = self._share(engine) / len(passes)
             for side, values in enumerate(passes):
                 label = "segmenting" + (f" (model {index + 1} of {len(self.engines)})" if ensemble else "") + \
-                    (" mirrored" if side else "")
+                    (": mirrored scan" if side else "")
                 outputs[side].append(engine.run(values, probability_classes=wanted, cancel=stages.cancel,
                                                 progress=stages.within(position, share, label), surround=surround))
                 warnings += outputs[side][-1].warnings

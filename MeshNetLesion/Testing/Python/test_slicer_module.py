@@ -354,6 +354,8 @@ def test_stage_texts_map_onto_translatable_phrases(monkeypatch):
     monkeypatch.setattr(texts, "_", lambda text: seen.append(text) or f"<{text}>")  # a "translation"
     assert texts.stageText("segmenting (model 2 of 3): layer 5 of 26") == "<segmenting (model 2 of 3)>: <layer 5 of 26>"
     assert texts.stageText("brain mask: layer 1 of 26") == "<brain mask>: <layer 1 of 26>"
+    assert texts.stageText("segmenting (model 1 of 3): mirrored scan: layer 2 of 26") == \
+        "<segmenting (model 1 of 3)>: <mirrored scan>: <layer 2 of 26>"
     assert texts.stageText("downloading model.pth (40%)") == "<downloading model.pth (40%)>"
     assert texts.stageText("something new") == "something new"
     assert "segmenting (model {index} of {count})" in seen and "layer {index} of {count}" in seen
