@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .volume import Volume
+from .volume import Volume, left_right_axis
 
 
 def skull_stripped(volume: Volume, brain: np.ndarray, margin: int = 8) -> Volume:
@@ -77,7 +77,7 @@ def resampled(volume: Volume, spacing: tuple[float, float, float]) -> Volume:
 
 def left_right_flipped(volume: Volume) -> Volume:
     """The head mirrored left to right (the same grid): a left-hemisphere lesion becomes a right one."""
-    axis = int(np.abs(volume.affine[0, :3]).argmax())          # the array axis along R
+    axis = left_right_axis(volume.affine)
     return Volume(np.ascontiguousarray(np.flip(volume.array, axis)), volume.affine.copy())
 
 
@@ -88,7 +88,7 @@ def mirrored_healthy_hemisphere(volume: Volume, lesioned_side: str = "L") -> Vol
     axis-aligned, as conformed scans are).
     """
     array = np.array(volume.array, copy=True)
-    axis = int(np.abs(volume.affine[0, :3]).argmax())          # the array axis along R
+    axis = left_right_axis(volume.affine)
     increasing_right = volume.affine[0, axis] > 0
     moved = np.moveaxis(array, axis, 0)
     head = np.argwhere(moved > np.percentile(moved, 75))

@@ -31,7 +31,7 @@ from .progress import CancelToken, Progress, ProgressCallback
 from .registry import DownloadProgress, Entry, Registry
 from .result import SegmentationResult
 from .spec import InputSpec, LoadedModel, ModelSpec
-from .volume import Volume, validate
+from .volume import Volume, left_right_axis, validate
 
 BRAIN_MODEL_ID = "brainchop-mindgrab"
 # The brain-extraction network runs on the head box plus this margin, as the whole grid would (the
@@ -167,7 +167,7 @@ class Segmenter:
         lesion_task = self.task == "lesion"
         ensemble = len(self.engines) > 1
         wanted = [1] if lesion_task else (list(range(self.spec.num_classes)) if probabilities or ensemble else [])
-        axis = left_right_axis(grid) if self.mirror else None
+        axis = left_right_axis(grid.affine) if self.mirror else None
         passes = [x] if axis is None else [x, np.ascontiguousarray(np.flip(x, axis))]
         outputs: list[list[EngineOutput]] = [[] for _ in passes]
         position = prepared.progress_done
@@ -279,11 +279,6 @@ def model_grid(volume: Volume, spec: InputSpec, cache: dict[InputSpec, Conformed
         made = conform(volume) if spec.grid == "conform" else zoom_to_grid(volume)
         cache[spec] = reorient(made, spec.orientation)
     return cache[spec]
-
-
-def left_right_axis(grid: Conformed) -> int:
-    """The voxel axis of ``grid`` that runs left to right (the one whose direction is most along RAS x)."""
-    return int(np.argmax(np.abs(grid.affine[0, :3])))
 
 
 def cropped(x: np.ndarray, box: tuple[slice, ...]) -> tuple[np.ndarray, int]:

@@ -62,6 +62,11 @@ class Volume:
         return abs(float(np.linalg.det(self.affine[:3, :3]))) / 1000.0
 
 
+def left_right_axis(affine: np.ndarray) -> int:
+    """The array axis that runs left to right: the one whose voxel direction is most along RAS x."""
+    return int(np.abs(affine[0, :3]).argmax())
+
+
 def validate(volume: Volume, name: str = "input") -> None:
     """Raise :class:`InputError` with one clear sentence if ``volume`` cannot be segmented."""
     array = volume.array

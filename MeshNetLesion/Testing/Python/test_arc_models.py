@@ -13,12 +13,12 @@ from scipy import ndimage
 from torch import nn
 
 from meshnet_lesion import ModelError, Registry, Segmenter, Volume, build_meshnet, load_model_files, load_volume, save_volume
-from meshnet_lesion.conform import Conformed, reorient, to_source, zoom_to_grid
+from meshnet_lesion.conform import reorient, to_source, zoom_to_grid
 from meshnet_lesion.engine import Engine
 from meshnet_lesion.metrics import dice
-from meshnet_lesion.pipeline import left_right_axis
 from meshnet_lesion.preprocess import brain_percentiles, normalize, standardize
 from meshnet_lesion.spec import InputSpec, ModelSpec, Normalization, Standardization, paper_spec
+from meshnet_lesion.volume import left_right_axis
 
 
 # ------------------------------------------------------------------ the replication's own code, re-typed
@@ -234,8 +234,7 @@ def test_only_a_lesion_models_pass_is_mirrored_along_the_grids_left_right_axis(r
             row = "RAS".find(code) if code in "RAS" else "LPI".find(code)
             affine[:3, column] = 0
             affine[row, column] = 1 if code in "RAS" else -1
-        grid = Conformed(np.zeros((2, 2, 2), np.uint8), affine, (2, 2, 2), np.eye(4))
-        assert left_right_axis(grid) == axis, codes
+        assert left_right_axis(affine) == axis, codes
 
 
 # ------------------------------------------------------------------ the model description
