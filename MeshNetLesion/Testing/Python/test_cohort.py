@@ -20,8 +20,8 @@ from meshnet_lesion.cli import main
 from meshnet_lesion.errors import InputError
 from meshnet_lesion.registry import sha256_of
 
-# the fastest real lesion model, without the brain mask: the study machinery is what is tested here
-MODEL = ["--model", "t2lesion-meshnet11", "--no-brain-mask", "--device", "cpu", "--precision", "fp32"]
+# the fastest real lesion model, without the brain mask and the mirrored pass: the study machinery is tested here
+MODEL = ["--model", "t2lesion-meshnet11", "--no-brain-mask", "--no-mirror", "--device", "cpu", "--precision", "fp32"]
 GOOD = ("sub-01/ses-1/anat/sub-01_ses-1_acq-spc3p2_run-1_T2w.nii.gz",
         "sub-01/ses-2/anat/sub-01_ses-2_acq-spc3p2_T2w.nii.gz",
         "sub-02/anat/sub-02_T2w.nii.gz")
@@ -132,7 +132,7 @@ def test_a_killed_run_resumes_where_it_stopped(bids, registry, tmp_path, monkeyp
     output = tmp_path / "meshnet"
     scans = cohort.find_bids(bids, output).scans[:2]
     runner = cohort.Cohort(Segmenter("t2lesion-meshnet11", registry=registry, device="cpu", precision="fp32",
-                                     brain_mask=False), output, {"test": 1})
+                                     brain_mask=False, mirror=False), output, {"test": 1})
     real_preview = preview.write_preview
 
     def killed_on_the_second(path, *args):           # as if killed while writing the second scan's files
