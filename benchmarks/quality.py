@@ -96,13 +96,9 @@ def synthetic_sets(registry: Registry, shared: Path, own_lesion: np.ndarray, sca
     masks = sorted((shared / "lesions" / "soop").glob("*.nii.gz"))
     _, held_out = synth.split_lesions(masks)
     label_head = synth.build_label_head(shared / "mri" / "t1_crop.nii.gz", registry, "cpu")
-    contrast = synth.measured_contrast(scan.array, brain)
-    free: dict[str, list[Volume]] = {"synthetic lesion-free": [], "synthetic lesion-free (M2265 contrast)": []}
-    for index in range(count):
-        image, _, _ = synth.render(label_head, [], np.random.default_rng([7, index]))
-        free["synthetic lesion-free"].append(Volume(image, label_head.affine))
-        image, _, _ = synth.render(label_head, [], np.random.default_rng([9, index]), contrast=contrast)
-        free["synthetic lesion-free (M2265 contrast)"].append(Volume(image, label_head.affine))
+    free = {name: [volume for _, volume in renderings]
+            for name, renderings in lesion_free_renderings(label_head, synth.measured_contrast(scan.array, brain),
+                                                           count).items()}
     real = synth.real_head(scan, brain, own_lesion, "M2265")
     painted = []
     for index in range(count):
@@ -111,6 +107,19 @@ def synthetic_sets(registry: Registry, shared: Path, own_lesion: np.ndarray, sca
         image, mask, _ = synth.render(real, chosen, rng)
         painted.append((Volume(image, real.affine), mask))
     return free, painted
+
+
+def lesion_free_renderings(label_head: synth.Head, contrast: np.ndarray,
+                           count: int) -> dict[str, list[tuple[list[int], Volume]]]:
+    """The suite's lesion-free renderings of the label head, each with its generator's seed: random contrast
+    (seeds [7, i]) and M2265's own (seeds [9, i])."""
+    renderings: dict[str, list[tuple[list[int], Volume]]] = {name: [] for name in LESION_FREE[1:]}
+    for index in range(count):
+        for name, first, measured in ((LESION_FREE[1], 7, None), (LESION_FREE[2], 9, contrast)):
+            seed = [first, index]
+            image, _, _ = synth.render(label_head, [], np.random.default_rng(seed), contrast=measured)
+            renderings[name].append((seed, Volume(image, label_head.affine)))
+    return renderings
 
 
 def template_brain_ml(registry: Registry) -> float | None:

@@ -319,6 +319,13 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(image / hi * 255), 0, 255).astype(np.uint8)
 
 
+def anatomy(head: Head, rng: np.random.Generator) -> np.ndarray:
+    """A label head's tissue map deformed and perhaps mirrored, as :func:`render` draws it first from ``rng``:
+    a generator seeded as a rendering's gives that rendering's anatomy."""
+    tissues = _deform_labels(head.tissues, rng)
+    return tissues[::-1] if rng.random() < 0.5 else tissues     # axis 0 is left-right on the conformed LIA grid
+
+
 def render(head: Head, lesions: Sequence[LesionSource], rng: np.random.Generator,
            max_tries: int = 30, contrast: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """One synthetic volume: (uint8 image, uint8 mask, what was drawn). ``lesions`` empty: lesion-free.
@@ -328,9 +335,7 @@ def render(head: Head, lesions: Sequence[LesionSource], rng: np.random.Generator
     changes (a ±5 % bias field, light blur and noise): a test image that looks like a real scan."""
     info: dict = {"head": head.name, "lesions": [], "contrast": "random" if contrast is None else "measured"}
     if head.tissues is not None:
-        tissues = _deform_labels(head.tissues, rng)
-        if rng.random() < 0.5:
-            tissues = tissues[::-1]          # axis 0 is left-right on the conformed LIA grid
+        tissues = anatomy(head, rng)
         brain = (tissues >= CSF) & (tissues < HEAD_TISSUES[0])
         work = Head(head.name, head.affine, np.isin(tissues, PARENCHYMA), brain, tissues=tissues)
         if contrast is None:

@@ -78,6 +78,10 @@ def test_label_head_rendering_is_reproducible_and_lesion_free_has_no_lesion(labe
     image, mask, info = synth.render(label_head, [], np.random.default_rng(8))
     assert not mask.any() and info["lesions"] == [] and image.max() == 255
     assert not np.array_equal(image, first[0])
+    # the anatomy drawn from a rendering's seed is that rendering's: its CSF is bright, its white matter dark
+    own, other = (synth.anatomy(label_head, np.random.default_rng(seed)) for seed in (8, [7, 0]))
+    contrast = [image[tissues == synth.CSF].mean() - image[tissues == synth.WHITE].mean() for tissues in (own, other)]
+    assert contrast[0] > 2 * max(contrast[1], 0) and contrast[0] > 50, contrast
 
 
 def test_written_dataset_reads_back_as_training_pairs(real_head, tmp_path, soop):
