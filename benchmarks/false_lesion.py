@@ -28,6 +28,7 @@ from quality import lesion_free_renderings, segmenter_for  # noqa: E402  (sets t
 
 from meshnet_lesion import Registry, load_volume, synth  # noqa: E402
 from meshnet_lesion.machine import describe, machine  # noqa: E402
+from meshnet_lesion.result import place  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "false_lesion.json"
 TISSUE_NAMES = ("background", "CSF", "cortex", "white matter", "deep grey", "pallidum", "cerebellar grey",
@@ -37,18 +38,17 @@ MIN_ML = 0.5
 
 def components(labels: np.ndarray, tissues: np.ndarray, affine: np.ndarray) -> list[dict]:
     """The false lesion's components of ``MIN_ML`` or more, largest first (1 mm voxels: 1,000 per mL)."""
-    brain = (tissues >= synth.CSF) & (tissues < synth.HEAD_TISSUES[0])
+    brain = synth.rendered_brain(tissues)
     depth = ndimage.distance_transform_edt(brain)
-    midline_x = (affine[:3, :3] @ np.array(ndimage.center_of_mass(brain)) + affine[:3, 3])[0]
     found, count = ndimage.label(labels == 1, structure=np.ones((3, 3, 3)))
     rows = []
     for index in range(1, count + 1):
         voxels = found == index
         if voxels.sum() < MIN_ML * 1000:
             continue
-        centre = affine[:3, :3] @ np.array(ndimage.center_of_mass(voxels)) + affine[:3, 3]
+        centre, side = place(voxels, affine, brain)
         under = np.bincount(tissues[voxels], minlength=len(TISSUE_NAMES)) / voxels.sum()
-        rows.append({"ml": round(voxels.sum() / 1000, 2), "hemisphere": "right" if centre[0] > midline_x else "left",
+        rows.append({"ml": round(voxels.sum() / 1000, 2), "hemisphere": side,
                      "centre_ras_mm": [round(float(c), 1) for c in centre],
                      "median_depth_mm": round(float(np.median(depth[voxels])), 1),
                      "tissues": {TISSUE_NAMES[k]: round(float(f), 3) for k, f in enumerate(under) if f >= 0.01}})

@@ -91,10 +91,7 @@ class SegmentationResult:
         return self.summarize()["largest_lesion"]
 
     def _components(self) -> tuple[int, dict[str, Any] | None]:
-        """The lesion's 26-connected components, labelled once: their number and the largest one.
-
-        The midline is the brain mask's centroid when there is one, else the centre of the scan's grid:
-        world x = 0 need not be the midline of a scan."""
+        """The lesion's 26-connected components, labelled once: their number and the largest one."""
         from scipy import ndimage
 
         components, count = ndimage.label(self.labels == 1, structure=FULL_CONNECTIVITY)
@@ -102,13 +99,9 @@ class SegmentationResult:
             return 0, None
         sizes = np.bincount(components.ravel())[1:]
         largest = int(np.argmax(sizes)) + 1
-        centroid = _world(self.affine, ndimage.center_of_mass(components == largest))
-        middle = (ndimage.center_of_mass(self.brain) if self.brain is not None and self.brain.any()
-                  else (np.array(self.labels.shape) - 1) / 2)
-        midline_x = _world(self.affine, middle)[0]
+        centroid, side = place(components == largest, self.affine, self.brain)
         return int(count), {"volume_ml": round(float(sizes[largest - 1]) * self.voxel_volume_ml, 3),
-                            "centroid_ras_mm": [round(float(c), 1) for c in centroid],
-                            "hemisphere": "right" if centroid[0] > midline_x else "left"}  # RAS: +x = right
+                            "centroid_ras_mm": [round(float(c), 1) for c in centroid], "hemisphere": side}
 
     def report(self, **extra: Any) -> dict[str, Any]:
         summary = self.summarize()
@@ -138,6 +131,19 @@ class SegmentationResult:
             "created": self.created,
             **extra,
         }
+
+
+def place(region: np.ndarray, affine: np.ndarray, brain: np.ndarray | None) -> tuple[np.ndarray, str]:
+    """A region's RAS centroid (mm) and its hemisphere ("left" or "right").
+
+    The midline is the brain's centroid when a brain mask is given, else the centre of the grid:
+    world x = 0 need not be the midline of a scan."""
+    from scipy import ndimage
+
+    centroid = _world(affine, ndimage.center_of_mass(region))
+    middle = (ndimage.center_of_mass(brain) if brain is not None and brain.any()
+              else (np.array(region.shape) - 1) / 2)
+    return centroid, "right" if centroid[0] > _world(affine, middle)[0] else "left"     # RAS: +x = right
 
 
 def _world(affine: np.ndarray, ijk) -> np.ndarray:

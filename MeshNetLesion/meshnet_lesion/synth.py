@@ -326,6 +326,11 @@ def anatomy(head: Head, rng: np.random.Generator) -> np.ndarray:
     return tissues[::-1] if rng.random() < 0.5 else tissues     # axis 0 is left-right on the conformed LIA grid
 
 
+def rendered_brain(tissues: np.ndarray) -> np.ndarray:
+    """The brain of a tissue map: CSF and every brain tissue, no head tissue."""
+    return (tissues >= CSF) & (tissues < HEAD_TISSUES[0])
+
+
 def render(head: Head, lesions: Sequence[LesionSource], rng: np.random.Generator,
            max_tries: int = 30, contrast: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """One synthetic volume: (uint8 image, uint8 mask, what was drawn). ``lesions`` empty: lesion-free.
@@ -336,7 +341,7 @@ def render(head: Head, lesions: Sequence[LesionSource], rng: np.random.Generator
     info: dict = {"head": head.name, "lesions": [], "contrast": "random" if contrast is None else "measured"}
     if head.tissues is not None:
         tissues = anatomy(head, rng)
-        brain = (tissues >= CSF) & (tissues < HEAD_TISSUES[0])
+        brain = rendered_brain(tissues)
         work = Head(head.name, head.affine, np.isin(tissues, PARENCHYMA), brain, tissues=tissues)
         if contrast is None:
             means, stds = _t2_contrast(rng)

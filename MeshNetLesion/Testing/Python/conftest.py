@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[3]
@@ -53,6 +54,19 @@ def arc_volume(sample_paths):
     from meshnet_lesion import load_volume
 
     return load_volume(sample_paths["sample-arc-m2265-t2w"])
+
+
+@pytest.fixture(scope="session")
+def arc_part(arc_volume):
+    """A 160 x 128 x 128 mm part of M2265 (stored LIA) with its lesion, centred left to right on the scan: a
+    sixth of the network time of the whole grid."""
+    from meshnet_lesion import Volume
+
+    corner = np.array([48, 40, 62])
+    affine = arc_volume.affine.copy()
+    affine[:3, 3] = arc_volume.affine[:3, :3] @ corner + arc_volume.affine[:3, 3]
+    box = tuple(slice(start, start + size) for start, size in zip(corner, (160, 128, 128)))
+    return Volume(np.ascontiguousarray(arc_volume.array[box]), affine)
 
 
 @pytest.fixture(scope="session")

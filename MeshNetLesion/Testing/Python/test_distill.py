@@ -239,6 +239,7 @@ def test_train_with_a_teacher_stops_resumes_and_writes_an_importable_student(sha
 SHIPPED = {"meshnet5-arc26": 0.76, "meshnet16-arc26": 0.87}
 
 
+@pytest.mark.quality
 @pytest.mark.parametrize(("student_id", "least"), SHIPPED.items())
 def test_a_shipped_student_finds_its_teachers_lesion_on_m2265(registry, arc_volume, arc_result, student_id, least):
     """A bundled student, run as users run it, against its teacher (the default model) on the real ARC scan."""

@@ -53,20 +53,11 @@ def test_arc_scan_has_one_left_hemisphere_lesion_on_its_own_grid(arc_result, arc
     assert report["mirrored"] and arc_result.mirrored  # the card's choice for the ARC-trained models
 
 
-def _around_the_lesion(volume: Volume) -> Volume:
-    """A 160 x 128 x 128 mm part of M2265 (stored LIA), centred left to right on the scan, with its lesion."""
-    corner = np.array([48, 40, 62])
-    affine = volume.affine.copy()
-    affine[:3, 3] = volume.affine[:3, :3] @ corner + volume.affine[:3, 3]
-    box = tuple(slice(start, start + size) for start, size in zip(corner, (160, 128, 128)))
-    return Volume(np.ascontiguousarray(volume.array[box]), affine)
-
-
-def test_the_mirrored_pass_finds_a_right_hemisphere_lesion_the_model_misses(registry, arc_volume):
+def test_the_mirrored_pass_finds_a_right_hemisphere_lesion_the_model_misses(registry, arc_part):
     """ARC is an aphasia cohort, its lesions left-hemisphere: its models miss the same lesion on the right
     (here upstream's 11-channel model: 44 mL on the left, nothing on the right). With the mirrored pass the
     lesion comes back on either side, and every voxel the single pass finds is kept (the higher probability)."""
-    part = _around_the_lesion(arc_volume)
+    part = arc_part
     flipped = perturb.left_right_flipped(part)
     one_pass, both = (Segmenter("t2lesion-meshnet11", registry=registry, device="cpu", precision="fp32",
                                 brain_mask=False, mirror=mirror) for mirror in (False, True))
@@ -96,6 +87,7 @@ def _oblique_thick_slices(volume: Volume) -> Volume:
     return Volume(np.clip(data, 0, None).astype(np.float32), affine)
 
 
+@pytest.mark.quality
 def test_oblique_thick_slice_scan_agrees_with_native(one_pass_segmenter, arc_volume, arc_result):
     oblique = _oblique_thick_slices(arc_volume)
     result = one_pass_segmenter.segment(oblique)
@@ -108,6 +100,7 @@ def test_oblique_thick_slice_scan_agrees_with_native(one_pass_segmenter, arc_vol
     assert score >= 0.9, f"Dice {score:.3f}"
 
 
+@pytest.mark.quality
 def test_healthy_looking_scan_comes_back_empty(one_pass_segmenter, arc_volume):
     """Replace the lesioned left hemisphere by the mirrored healthy right one: no lesion may remain. One pass:
     this scan is its own mirror image about the brain's midline, so the mirrored pass sees the same brain."""

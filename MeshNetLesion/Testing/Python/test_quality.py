@@ -26,6 +26,7 @@ def test_skull_stripped_and_cropped_scan_keeps_the_lesion(one_pass_segmenter, ar
     assert score >= 0.85, f"Dice {score:.3f}"                  # measured 0.903
 
 
+@pytest.mark.quality
 def test_a_different_intensity_response_keeps_the_lesion(one_pass_segmenter, arc_volume, arc_result):
     """Gamma 0.7 made the replication's recipe call 293 mL; standardisation brings it back."""
     result = one_pass_segmenter.segment(perturb.gamma(arc_volume, 0.7))
