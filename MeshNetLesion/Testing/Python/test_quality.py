@@ -4,8 +4,9 @@ mask and standardisation) and compared with the default's result on the unmodifi
 
 The acceptance bars: skull-stripped lesion Dice ≥ 0.85 against the full-head result, every intensity
 case ≥ 0.90, thick or coarse voxels ≥ 0.80, lesion-free scans ≤ 1 mL (the mirrored-hemisphere case
-and the oblique thick-slice case are in test_pipeline.py). The full table, for every model, is
-``make quality``.
+and the oblique thick-slice case are in test_pipeline.py). ``make test`` runs the skull-stripped case (the
+bar with the least margin); the cases marked ``quality`` run with ``make test-quality``. The full table,
+for every model, is ``make quality``.
 """
 from __future__ import annotations
 
