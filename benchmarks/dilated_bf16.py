@@ -18,23 +18,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "MeshNetLesion"))
+sys.path[:0] = [str(ROOT / "MeshNetLesion"), str(ROOT / "benchmarks")]
+
+from slow_kernel import best_ms  # noqa: E402
 
 from meshnet_lesion.machine import describe, machine  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "dilated_bf16.json"
 DILATIONS = (1, 2, 4, 8, 16)
 CHANNELS, ROWS = 26, 64
-
-
-def best_s(run, repeats: int = 3) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def kernels() -> dict[str, str]:
@@ -65,7 +57,8 @@ def main() -> int:
         seconds = {}
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             xd, wd, bd = x.to(dtype), w.to(dtype), b.to(dtype)
-            seconds[name] = best_s(lambda: torch.ops.aten.mkldnn_convolution(xd, wd, bd, [d] * 3, [1] * 3, [d] * 3, 1))
+            seconds[name] = best_ms(lambda: torch.ops.aten.mkldnn_convolution(xd, wd, bd, [d] * 3, [1] * 3, [d] * 3, 1),
+                                    repeats=3) / 1e3
         ratio = seconds["bf16"] / seconds["fp32"]
         rows.append({"dilation": d, "fp32_s": round(seconds["fp32"], 3), "bf16_s": round(seconds["bf16"], 3),
                      "ratio": round(ratio, 2), "kernels": [used.get(f"fp32-{d}"), used.get(f"bf16-{d}")]})
