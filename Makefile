@@ -30,7 +30,7 @@ test: env
 
 # The long suite: the acceptance bars on the real ARC scan that make test leaves out (the robustness cases but
 # the skull-stripped one, the mirrored-hemisphere scan, the default against the replication's three
-# restarts, the shipped students against their teacher); about 15 minutes on 2 CPU cores.
+# restarts, the shipped students against their teacher); 13 minutes on 2 CPU cores (README).
 test-quality: env
 	$(BIN)/python -m pytest -m quality
 

@@ -58,8 +58,8 @@ def arc_volume(sample_paths):
 
 @pytest.fixture(scope="session")
 def arc_part(arc_volume):
-    """A 160 x 128 x 128 mm part of M2265 (stored LIA) with its lesion, centred left to right on the scan: a
-    sixth of the network time of the whole grid."""
+    """A 160 x 128 x 128 mm part of M2265 (stored LIA) with its lesion, centred left to right on the scan: the
+    networks run on its head box (+ margin) in the conformed grid, about half of the whole scan's."""
     from meshnet_lesion import Volume
 
     corner = np.array([48, 40, 62])
