@@ -33,34 +33,39 @@ SOOP = ("SOOP lesion masks (Stroke Outcome Optimization Project, OpenNeuro ds004
 
 
 def entry(student_id: str, registry: dict, quality: dict | None, report: Path | None = None) -> dict:
-    source = RUNS / f"{student_id}.safetensors"
+    source = next(path for path in (RUNS / f"{student_id}-rendered.safetensors", RUNS / f"{student_id}.safetensors")
+                  if path.is_file())              # the last stage: fine-tuned with renderings, or distilled only
     with safe_open(str(source), framework="numpy") as handle:
         run = json.loads(handle.metadata()["meshnet_distillation"])
+    first = (run.get("initial") or {}).get("run") or run        # the distillation the fine-tuning started from
+    tuned = run if first is not run else None
     teacher = next(m for m in registry["models"] if m["id"] == run["teacher"])
     member = next(m for m in registry["models"] if m["id"] == teacher.get("members", [teacher["id"]])[0])
     channels = int(run["channels"])
     WEIGHTS.mkdir(exist_ok=True)
-    shipped = WEIGHTS / source.name
+    shipped = WEIGHTS / f"{student_id}.safetensors"
     shutil.copyfile(source, shipped)
-    hours = run["seconds"] / 3600
-    sessions = [s for s in run.get("sessions", []) if s["steps"]]
-    unrecorded = sessions[0]["first_step"] if sessions else run["steps"]
-    parts = [f"steps 1-{unrecorded} on a machine not recorded"] if unrecorded else []
-    parts += [f"steps {s['first_step'] + 1}-{s['first_step'] + s['steps']} in {s['seconds'] / 3600:.1f} h "
-              f"on {s['machine']}" for s in sessions]
-    ran_on = "; ".join(parts)
+    hours = sum(r["seconds"] for r in (first, tuned) if r) / 3600
+    ran_on = sessions(first) + ("" if tuned is None else f"; then, fine-tuned: {sessions(tuned)}")
+    steps = f"{first['steps']} steps" + ("" if tuned is None else f" + {tuned['steps']} with renderings")
+    tuning = "" if tuned is None else (
+        f" Then fine-tuned for {tuned['steps']} steps with {tuned['renderings']} renderings of a label head (the "
+        "tissue labels of the T1 t1_crop drawn as T2, half lesion-free, half with training-split SOOP lesions; "
+        "random contrasts and M2265's) making half the crops, each rendering's own truth the target there: the "
+        "teacher calls false lesions on such renderings, and the student is not to learn them.")
     card = {
         "id": student_id,
         "title": f"MeshNet-{channels}, distilled from {teacher['title']}",
         "task": "lesion",
-        "version": f"distilled from {run['teacher']}, {run['steps']} steps",
+        "version": f"distilled from {run['teacher']}, {steps}",
         "input": teacher["input"],
         "description": (f"The paper's MeshNet-{channels} distilled from {run['teacher']} on augmented M2265 and "
                         "synthetic lesions; not trained on ARC masks. The student learnt the teacher's lesion "
                         "probabilities (temperature "
                         f"{run['temperature']}) on {run['crop']}^3 crops of the ARC scan M2265, degraded as scans "
                         "are (turned, skull-stripped, thick slices, intensities) while the teacher saw the clean "
-                        f"scan, with {SOOP.split(' (')[0]} painted into a third of the crops as ground truth."),
+                        f"scan, with {SOOP.split(' (')[0]} painted into a third of the crops as ground truth."
+                        + tuning),
         "files": [{"name": shipped.name, "size": shipped.stat().st_size, "sha256": sha256_of(shipped),
                    "bundled": f"weights/{shipped.name}"}],
         "spec": member["spec"],
@@ -70,19 +75,31 @@ def entry(student_id: str, registry: dict, quality: dict | None, report: Path | 
         "citation": teacher["citation"],
         "training_data": (f"No lesion masks of ARC. Soft targets of {run['teacher']} on one ARC scan (M2265, "
                           f"OpenNeuro ds004884, CC0) and the training split of {run.get('painted_lesions') or 'no'} {SOOP}; "
-                          f"{run['steps']} steps, {hours:.1f} h of CPU time: {ran_on}."),
+                          f"{steps}, {hours:.1f} h of CPU time: {ran_on}."),
         "input_convention": teacher["input_convention"],
         "standardization_note": member.get("standardization_note", ""),
         "metrics": [],
         "metrics_note": ("No held-out ARC evaluation exists for this student: it has never been run on ARC "
                          "subjects other than M2265, which is also a training subject of its teacher. The figures "
                          "below are robustness and agreement checks on M2265, measured."),
-        "distillation": {key: run[key] for key in ("teacher", "steps", "crop", "temperature", "weight",
-                                                   "painted_lesions", "seconds")} | {"machine": ran_on},
+        "distillation": {key: first[key] for key in ("teacher", "steps", "crop", "temperature", "weight",
+                                                     "painted_lesions", "seconds")} | {"machine": ran_on}
+        | ({} if tuned is None else {"fine_tuning": {key: tuned[key] for key in (
+            "steps", "renderings", "seconds")} | {"from": run["initial"]["sha256"]}}),
     }
     if quality is not None:
         card["measured"] = measured(student_id, run["teacher"], quality, report)
     return card
+
+
+def sessions(run: dict) -> str:
+    """Which machine ran which steps of a run, from its record."""
+    recorded = [s for s in run.get("sessions", []) if s["steps"]]
+    unrecorded = recorded[0]["first_step"] if recorded else run["steps"]
+    parts = [f"steps 1-{unrecorded} on a machine not recorded"] if unrecorded else []
+    parts += [f"steps {s['first_step'] + 1}-{s['first_step'] + s['steps']} in {s['seconds'] / 3600:.1f} h "
+              f"on {s['machine']}" for s in recorded]
+    return "; ".join(parts)
 
 
 def measured(student_id: str, teacher_id: str, quality: dict, report: Path) -> list[dict]:

@@ -166,6 +166,13 @@ def _parser() -> argparse.ArgumentParser:
                           "the state file)")
     teaching.add_argument("--lesions", type=Path, help="a folder of lesion masks in MNI space (e.g. SOOP's) painted "
                           "into a third of the crops as ground truth; its training split only (synth.split_lesions)")
+    teaching.add_argument("--init", type=Path, help="fine-tune this distilled student (.safetensors) instead of "
+                          "starting a new one")
+    teaching.add_argument("--label-head", type=Path, help="a T1 whose tissue labels are rendered as T2-like heads "
+                          "(synth; e.g. ../shared/data/mri/t1_crop.nii.gz): half the crops come from --renderings of "
+                          "it, their own truth the target")
+    teaching.add_argument("--renderings", type=int, default=8, help="with --label-head: how many (half lesion-free, "
+                          "half with --lesions; half of each with the first image's contrast)")
     trainer.set_defaults(handler=_train)
 
     tuner = commands.add_parser("tune", help="hyperparameter search (Optuna TPE + asynchronous successive halving)")
@@ -707,7 +714,9 @@ def _distill(args: argparse.Namespace, config) -> int:
     """``train --teacher``: a student learns the teacher's soft targets on crops of the given volumes."""
     from . import distill
     from .dataset import read_pairs
+    from .model import MeshNet
     from .pipeline import Segmenter
+    from .registry import sha256_of
     from .volume import load_volume
 
     images = [args.pairs] if args.pairs.name.endswith(_SUFFIXES) else [image for image, _ in read_pairs(args.pairs)]
@@ -718,8 +727,6 @@ def _distill(args: argparse.Namespace, config) -> int:
     for image in images:
         print(f"teacher {args.teacher} on {image.name} (computed once, then read from {cache})", flush=True)
         views.append(distill.teacher_view(teacher, load_volume(image), cache))
-    settings = distill.DistillConfig(train=config, steps=args.steps, temperature=args.temperature,
-                                     weight=args.distill_weight, save_every=args.save_every)
     size = args.crop or 96
     lesions: list[Path] = []
     if args.lesions:
@@ -728,9 +735,18 @@ def _distill(args: argparse.Namespace, config) -> int:
         lesions = split_lesions(sorted(args.lesions.glob("*.nii*")))[0]
         if not lesions:
             raise InputError(f"no lesion masks (*.nii, *.nii.gz) in {args.lesions}")
-    model, record = distill.distill(lambda step: distill.crop_sample(views, step, args.seed, size, lesions), settings,
-                                    state, [view.x[view.box] for view in views], progress=partial(print, flush=True),
-                                    stop_after=args.session_steps, conventions=teacher.spec)
+    renderings = _renderings(args, teacher, load_volume(images[0]), lesions, cache) if args.label_head else []
+    initial = MeshNet.load(args.init) if args.init else None
+    if initial is not None and initial.spec.layers[0].out_channels != config.channels:
+        raise InputError(f"{args.init.name} is a MeshNet-{initial.spec.layers[0].out_channels}, "
+                         f"not --channels {config.channels}")
+    settings = distill.DistillConfig(train=config, steps=args.steps, temperature=args.temperature,
+                                     weight=args.distill_weight, save_every=args.save_every,
+                                     initial=sha256_of(args.init) if args.init else "")
+    model, record = distill.distill(
+        lambda step: distill.crop_sample(views, step, args.seed, size, lesions, renderings), settings, state,
+        [view.x[view.box] for view in views], progress=partial(print, flush=True), stop_after=args.session_steps,
+        conventions=teacher.spec, initial=initial)
     steps = len(record.losses)
     if steps < args.steps:
         print(f"stopped at step {steps} of {args.steps}; the same command continues from {state}")
@@ -738,10 +754,44 @@ def _distill(args: argparse.Namespace, config) -> int:
     model.save(args.output, {"meshnet_distillation": json.dumps({
         "teacher": args.teacher, "channels": config.channels, "steps": steps, "crop": size, "temperature": args.temperature,
         "weight": args.distill_weight, "images": [str(p) for p in images], "painted_lesions": len(lesions),
+        "renderings": len(renderings), "initial": _initial_run(args.init),
         "seconds": round(record.seconds, 1), "sessions": record.sessions,
         "losses_every_10": record.losses[::10]})})
     print(f"wrote {args.output} (import it with: meshnet-lesion models import FOLDER)")
     return 0
+
+
+def _renderings(args: argparse.Namespace, teacher, first, lesions: list[Path], cache: Path) -> list:
+    """``--renderings`` views of the label head for ``train --teacher``: seeds [13, i] (the quality suite
+    renders with 7, 8 and 9), even i lesion-free, odd i with training-split lesions, every other pair with
+    the contrast of ``first`` (the first training image) on the teacher's grid."""
+    from . import distill, synth
+
+    head = synth.build_label_head(args.label_head, _registry(), args.device)
+    prepared = teacher.model_input(first)
+    contrast = None if prepared.brain is None else synth.measured_contrast(prepared.grid.array, prepared.brain)
+    views = []
+    for index in range(args.renderings):
+        kind = "lesion-free" if index % 2 == 0 else "with lesions"
+        measured = contrast if (index // 2) % 2 else None
+        print(f"rendering {index + 1}/{args.renderings} of {args.label_head.name} ({kind}, "
+              f"{'measured' if measured is not None else 'random'} contrast; computed once, then read from {cache})",
+              flush=True)
+        views.append(distill.rendered_view(teacher, head, [13, index], lesions if index % 2 else [], measured, cache))
+    return views
+
+
+def _initial_run(path: Path | None) -> dict | None:
+    """The training record of the student a fine-tuning run starts from (its file's name, SHA-256 and run)."""
+    if path is None:
+        return None
+    from safetensors import safe_open
+
+    from .registry import sha256_of
+
+    with safe_open(str(path), framework="numpy") as handle:
+        run = handle.metadata().get("meshnet_distillation")
+    return {"file": path.name, "sha256": sha256_of(path), "run": json.loads(run) if run else None}
 
 
 def _tune(args: argparse.Namespace) -> int:

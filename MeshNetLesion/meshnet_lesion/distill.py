@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from . import synth
+from . import perturb, synth
 from .dataset import IGNORE
 from .machine import describe, machine
 from .model import MeshNet, build_meshnet
@@ -65,6 +65,7 @@ class DistillConfig:
     temperature: float = 2.0
     weight: float = 0.7            # the teacher term's share where a ground truth exists (1 where none does)
     save_every: int = 50
+    initial: str = ""              # SHA-256 of the weights a fine-tuning run starts from ("": a new student)
 
 
 def student(channels: int, conventions: ModelSpec | None = None) -> MeshNet:
@@ -165,7 +166,8 @@ def measure_batchnorm(model: MeshNet, volumes: Sequence[np.ndarray], mixed_preci
 
 def distill(samples: Callable[[int], Sample], config: DistillConfig, state_path: Path,
             statistics: Sequence[np.ndarray], progress: Callable[[str], None] | None = None,
-            stop_after: int | None = None, conventions: ModelSpec | None = None) -> tuple[MeshNet, Record]:
+            stop_after: int | None = None, conventions: ModelSpec | None = None,
+            initial: MeshNet | None = None) -> tuple[MeshNet, Record]:
     """Train a student for ``config.steps`` steps, continuing from ``state_path`` if it exists.
 
     ``samples(step)`` gives step ``step``'s sample (it must depend only on the step, e.g. a generator
@@ -174,10 +176,16 @@ def distill(samples: Callable[[int], Sample], config: DistillConfig, state_path:
     ``stop_after``: return after this many steps of this call (a session's budget); the state is
     saved first, so the same call later continues where this one stopped. ``conventions``: the
     teacher's spec, whose input grid, normalisation and standardisation the student takes (it is
-    trained on the teacher's view of each volume).
+    trained on the teacher's view of each volume). ``initial``: a trained student to fine-tune (its
+    SHA-256 in ``config.initial``); it keeps the BatchNorm statistics it was trained around, and
+    ``statistics`` is not used.
     """
     torch.manual_seed(config.train.seed)
     model = student(config.train.channels, conventions)
+    if initial is not None:
+        if not config.initial:
+            raise ValueError("a fine-tuning run names its initial weights' SHA-256 in its configuration")
+        model.load_state_dict(initial.state_dict())
     optimizer = make_optimizer(model, config.train)
     scheduler = make_scheduler(optimizer, config.train, config.steps)
     step, record = 0, Record()
@@ -188,7 +196,7 @@ def distill(samples: Callable[[int], Sample], config: DistillConfig, state_path:
     if step < config.steps:
         record.sessions.append(session)
     while step < config.steps and (stop_after is None or done_here < stop_after):
-        if step == 0:
+        if step == 0 and initial is None:
             measure_batchnorm(model, statistics, config.train.mixed_precision)
         model.eval()                              # BatchNorm applies its fixed statistics; weights still learn
         image, teacher, target = samples(step)
@@ -300,6 +308,7 @@ class TeacherView:
     head: synth.Head | None = None
     white: float = 0.0                    # painted lesions' rim and core intensities take these two
     csf: float = 0.0
+    truth: np.ndarray | None = None       # a rendering's known lesion (0/1): its target everywhere, no teacher
 
     @classmethod
     def of(cls, x: np.ndarray, soft: np.ndarray, box: tuple[slice, slice, slice], affine: np.ndarray,
@@ -312,16 +321,38 @@ class TeacherView:
         return cls(x, soft, box, brain, ndimage.binary_dilation(brain, iterations=3), head, white, csf)
 
 
-def teacher_view(teacher, volume, cache_dir: Path) -> TeacherView:
-    """The teacher's view of ``volume`` (a :class:`~.pipeline.Segmenter`), its probability cached on disk."""
-    from .pipeline import LESION_BRAIN_MARGIN, cropped
-    from .preprocess import head_box, standardize
+def _teachers_input(teacher, volume: Volume):
+    """What ``teacher`` (a :class:`~.pipeline.Segmenter`) feeds its lesion network for ``volume``: the
+    prepared input (grid, brain mask) and the normalised, standardised array."""
+    from .preprocess import standardize
 
     prepared = teacher.model_input(volume)
     x = prepared.x
     if teacher.standardize and prepared.brain is not None:
         values = standardize(x, prepared.brain, teacher.spec.standardization)
         x = x if values is None else values
+    return prepared, np.ascontiguousarray(x, np.float32)
+
+
+def _lesion_box(prepared) -> tuple[slice, slice, slice]:
+    """The box the lesion network is run on: the brain and its margin, or the head without a brain mask."""
+    from .pipeline import LESION_BRAIN_MARGIN
+    from .preprocess import head_box
+
+    if prepared.brain is not None and prepared.brain.any():
+        return head_box(prepared.brain, LESION_BRAIN_MARGIN)
+    return prepared.box
+
+
+def _teacher_files(teacher) -> dict[str, str]:
+    return {f.name: f.sha256 for member in teacher.registry.members(teacher.entry) for f in member.files}
+
+
+def teacher_view(teacher, volume, cache_dir: Path) -> TeacherView:
+    """The teacher's view of ``volume`` (a :class:`~.pipeline.Segmenter`), its probability cached on disk."""
+    from .pipeline import cropped
+
+    prepared, x = _teachers_input(teacher, volume)
     box = prepared.box
 
     def run(volume_x: np.ndarray) -> np.ndarray:
@@ -331,14 +362,47 @@ def teacher_view(teacher, volume, cache_dir: Path) -> TeacherView:
                                     for engine in teacher.engines], axis=0)
         return probability
 
-    files = {f.name: f.sha256 for member in teacher.registry.members(teacher.entry) for f in member.files}
-    soft = TeacherCache(cache_dir, teacher.entry.id, files, run).probability(np.ascontiguousarray(x, np.float32))
+    soft = TeacherCache(cache_dir, teacher.entry.id, _teacher_files(teacher), run).probability(x)
     if prepared.brain is not None:
         soft = soft * prepared.brain
-    if prepared.brain is not None and prepared.brain.any():
-        box = head_box(prepared.brain, LESION_BRAIN_MARGIN)      # the box the lesion network is run on
-    return TeacherView.of(np.asarray(x, np.float32), soft.astype(np.float32), box, prepared.grid.affine,
-                          prepared.brain)
+    return TeacherView.of(x, soft.astype(np.float32), _lesion_box(prepared), prepared.grid.affine, prepared.brain)
+
+
+def rendered_view(teacher, head: synth.Head, seed: Sequence[int], lesions: Sequence[Path],
+                  contrast: np.ndarray | None, cache_dir: Path) -> TeacherView:
+    """A rendering of a label head (:func:`~.synth.render` seeded with ``seed``: lesion-free when ``lesions``
+    is empty, else with one or two of them) as the student is trained on it: the teacher's input (its grid,
+    brain mask and standardisation) and the rendering's own lesion as the target everywhere.
+
+    The teacher's probability is not used here: the ARC-trained teachers call false lesions on such
+    renderings (the quality suite's lesion-free cases), and a student that learnt them would too; a
+    rendering's truth is known. The view is cached in ``cache_dir`` (the rendering and its brain mask take
+    a minute)."""
+    rng = np.random.default_rng(list(seed))
+    chosen = [lesions[i] for i in rng.choice(len(lesions), min(len(lesions), int(rng.integers(1, 3))),
+                                             replace=False)] if lesions else []
+    identity = json.dumps({"teacher": teacher.entry.id, "files": _teacher_files(teacher), "head": head.name,
+                           "seed": list(seed), "lesions": [p.name for p in chosen],
+                           "contrast": None if contrast is None else np.round(contrast, 6).tolist()}, sort_keys=True)
+    path = Path(cache_dir) / f"rendering-{hashlib.sha256(identity.encode()).hexdigest()}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as stored:
+            x, truth, brain, affine = (stored[k] for k in ("x", "truth", "brain", "affine"))
+            box = tuple(slice(int(a), int(b)) for a, b in stored["box"])
+    else:
+        image, mask, _ = synth.render(head, [synth.LesionSource.load(p) for p in chosen], rng, contrast=contrast)
+        volume = Volume(image, head.affine)
+        prepared, x = _teachers_input(teacher, volume)
+        affine = prepared.grid.affine
+        truth = perturb.onto(mask == 1, volume, Volume(prepared.grid.array, affine)).astype(np.uint8)
+        brain = prepared.brain if prepared.brain is not None else prepared.grid.array > 0
+        box = _lesion_box(prepared)
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as partial, open(partial, "wb") as handle:
+            np.savez_compressed(handle, x=x, truth=truth, brain=brain, affine=affine,
+                                box=np.array([[b.start, b.stop] for b in box]))
+    return TeacherView(x, truth.astype(np.float32), box, brain=brain,
+                       stripped=ndimage.binary_dilation(brain, iterations=3), truth=truth)
 
 
 # What a step's sample is made of (shares of the samples).
@@ -347,18 +411,26 @@ LESION_CENTRED = 1 / 3     # a crop centred on the teacher's own lesion (the res
 TURNED = 0.7               # rotated (±10°) and scaled (±10 %) about the crop's centre
 SKULL_STRIPPED = 0.2       # everything outside the brain mask (dilated 3 voxels) set to 0
 THICK_SLICES = 0.3         # blurred along one axis, or all three (2-4 mm slices, 2 mm voxels)
+RENDERED = 0.5             # of a run given renderings: a crop of one of them (half of those on its lesion, if any)
 
 
 def crop_sample(views: list[TeacherView], step: int, seed: int, size: int,
-                lesions: Sequence[Path] = ()) -> Sample:
+                lesions: Sequence[Path] = (), renderings: Sequence[TeacherView] = ()) -> Sample:
     """Step ``step``'s sample: a volume, maybe with a lesion from ``lesions`` painted in, a ``size``³ crop
     (maybe turned), flips; the student's input degraded as scans are (skull-stripped, thick slices,
-    intensities), the teacher's target from the clean volume. The shares are the constants above."""
+    intensities), the teacher's target from the clean volume. With ``renderings`` (:func:`rendered_view`),
+    a share of the samples are crops of those, their truth the target. The shares are the constants above."""
     rng = np.random.default_rng([seed, step])
     view = views[int(rng.integers(len(views)))]
-    image, soft, target, centre = view.x, view.soft, None, None
+    if renderings and rng.random() < RENDERED:
+        view = renderings[int(rng.integers(len(renderings)))]
+    image, soft, target, centre = view.x, view.soft, view.truth, None
     kind = rng.random()
-    if kind < PAINTED and lesions and view.head is not None:
+    if view.truth is not None:
+        lesion = np.argwhere(view.truth == 1) if kind < 0.5 else np.empty((0, 3))
+        if len(lesion):
+            centre = lesion[int(rng.integers(len(lesion)))]
+    elif kind < PAINTED and lesions and view.head is not None:
         painted = _painted(view, synth.LesionSource.load(lesions[int(rng.integers(len(lesions)))]), rng)
         if painted is not None:
             image, soft, target, centre = painted

@@ -20,6 +20,7 @@ from meshnet_lesion.distill import (
     flips,
     intensity_augmented,
     measure_batchnorm,
+    rendered_view,
     student,
     teacher_logit,
 )
@@ -139,6 +140,22 @@ def test_a_run_continued_from_its_state_makes_the_same_weights(tmp_path):
         distill(_tiny_samples, replace(config, temperature=4.0), tmp_path / "parts.state", _TINY_WHOLE)
 
 
+def test_a_fine_tuning_run_starts_from_its_student_and_keeps_its_batchnorm_statistics(tmp_path):
+    """``initial``: the run's first step starts from the given student's weights and statistics (never
+    measured again: its layers were trained around them); the configuration names the weights."""
+    config = DistillConfig(train=TrainConfig(channels=3, lr=1e-2, mixed_precision=False), steps=4, save_every=4)
+    first, _ = distill(_tiny_samples, config, tmp_path / "first.state", _TINY_WHOLE)
+    with pytest.raises(ValueError, match="SHA-256"):
+        distill(_tiny_samples, config, tmp_path / "tuned.state", _TINY_WHOLE, initial=first)
+    tuning = replace(config, steps=1, initial="0" * 64, train=replace(config.train, lr=1e-9))
+    tuned, record = distill(_tiny_samples, tuning, tmp_path / "tuned.state", [_TINY_WHOLE[0] * 5], initial=first)
+    assert len(record.losses) == 1
+    for (name, a), b in zip(first.state_dict().items(), tuned.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name        # statistics kept; lr 1e-9 barely moves
+    fresh, _ = distill(_tiny_samples, replace(tuning, initial=""), tmp_path / "fresh.state", _TINY_WHOLE)
+    assert not torch.allclose(fresh.layers[0].conv.weight, first.layers[0].conv.weight)
+
+
 def test_a_short_run_on_a_real_crop_with_a_real_teacher_lowers_the_loss(registry, arc_volume, tmp_path):
     from meshnet_lesion.engine import Engine
     from meshnet_lesion.preprocess import normalize
@@ -191,6 +208,66 @@ def test_painted_samples_carry_ground_truth_there_and_the_teacher_elsewhere(shar
     again = crop_sample([view], 5, 0, 32, lesions)
     first = crop_sample([view], 5, 0, 32, lesions)
     assert all((a is None and b is None) or np.array_equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.fixture
+def tiny_teacher(tmp_path, monkeypatch):
+    """A registry model without a brain mask (imported into a cache of this test's own), as a Segmenter."""
+    from meshnet_lesion import Segmenter
+    from meshnet_lesion.model import build_meshnet
+    from meshnet_lesion.registry import Registry
+
+    monkeypatch.setenv("MESHNET_LESION_CACHE", str(tmp_path / "cache"))   # its imports stay out of other tests
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    torch.manual_seed(1)
+    build_meshnet(3).eval().save(folder / "model.safetensors")
+    Registry().import_folder(folder, "tiny-teacher", card={"postprocess": {"brain_mask": False}})
+    return Segmenter("tiny-teacher", device="cpu", precision="fp32")
+
+
+def test_a_rendering_is_the_teachers_input_with_its_own_truth_and_is_cached(shared, sample_paths, tiny_teacher,
+                                                                           tmp_path, monkeypatch):
+    """A label-head rendering with a real SOOP lesion, on the teacher's grid (RAS-ordered t1_crop becomes the
+    conformed grid): the truth keeps the painted lesion's size and lies on its hyperintense voxels; the
+    soft target is the truth; a second call reads the view back; samples of it carry the truth."""
+    from scipy import ndimage
+
+    from meshnet_lesion import load_volume, synth
+
+    t1 = load_volume(sample_paths["sample-t1-crop"])
+    labels = np.asarray(load_volume(shared / "reference" / "t1_crop.brainchop-0.2.5.subcortical.nii.gz").array)
+    brain = ndimage.binary_fill_holes(ndimage.binary_dilation(labels > 0, iterations=2))
+    head = synth.label_head(t1, labels.astype(np.uint8), brain, "t1_crop")
+    flipped = np.diag([-1.0, 1.0, 1.0, 1.0]) @ head.affine            # another orientation: conform must turn it
+    head = replace(head, affine=flipped)
+    lesions = synth.split_lesions(sorted((shared / "lesions" / "soop").glob("*.nii.gz")))[0][:50]
+    view = rendered_view(tiny_teacher, head, [13, 1], lesions, None, tmp_path / "views")
+    rng = np.random.default_rng([13, 1])                  # the draws rendered_view makes: its lesions, then render
+    chosen = [lesions[i] for i in rng.choice(len(lesions), int(rng.integers(1, 3)), replace=False)]
+    _, mask, _ = synth.render(head, [synth.LesionSource.load(p) for p in chosen], rng)
+    painted = int(np.count_nonzero(mask == 1))
+    assert painted > 200 and abs(int(view.truth.sum()) - painted) < 0.05 * painted
+    assert np.array_equal(view.soft, view.truth.astype(np.float32))
+    inside = view.brain & (view.truth == 0)
+    assert view.x[view.truth == 1].mean() > np.percentile(view.x[inside], 60)      # T2: lesions are bright
+    monkeypatch.setattr(synth, "render", lambda *a, **k: pytest.fail("rendered again"))
+    again = rendered_view(tiny_teacher, head, [13, 1], lesions, None, tmp_path / "views")
+    assert np.array_equal(again.x, view.x) and np.array_equal(again.truth, view.truth) and again.box == view.box
+    free = TeacherView(view.x, np.zeros_like(view.soft), view.box, view.brain, view.stripped,
+                       truth=np.zeros_like(view.truth))
+    scan = TeacherView(view.x, np.full_like(view.soft, 0.5), view.box)
+    seen = {"scan": 0, "lesion": 0, "free": 0}
+    for step in range(16):
+        image, soft, target = crop_sample([scan], step, 0, 32, renderings=[view, free])
+        if target is None:
+            seen["scan"] += 1
+            assert np.allclose(soft[image > 0], 0.5, atol=0.01)
+        else:                             # turned crops interpolate the soft target, the truth is nearest
+            assert np.mean((soft > 0.5) == (target == 1)) > 0.98 and set(np.unique(target)) <= {0, 1}
+            seen["lesion" if target.any() else "free"] += 1
+            assert target.any() or soft.max() < 0.5
+    assert min(seen.values()) >= 2, seen
 
 
 def test_train_with_a_teacher_stops_resumes_and_writes_an_importable_student(shared, tmp_path, capsys, monkeypatch):
