@@ -69,9 +69,15 @@ synthetic-models: env
 DISTILL = $(BIN)/meshnet-lesion train "$$($(BIN)/meshnet-lesion models fetch sample-arc-m2265-t2w)" \
 	--teacher arc-meshnet26 --steps 2000 --crop 64 --save-every 25 --teacher-cache training/.work/teacher \
 	--lesions $(MESHNET_LESION_MIRROR)/lesions/soop
+# Then MeshNet-5 is fine-tuned (400 steps, lr 5e-4) with 8 label-head renderings (t1_crop drawn as T2; half
+# lesion-free) making half the crops, their own truth the target: the teacher calls false lesion there.
+# (The same for MeshNet-16 made its mirrored-hemisphere false lesion worse: README, Distilled students.)
+RENDERED = --steps 400 --lr 5e-4 --label-head $(MESHNET_LESION_MIRROR)/mri/t1_crop.nii.gz --renderings 8
 distill-students: env
 	$(DISTILL) --channels 16 --lr 1e-3 -o training/distill/meshnet16-arc26.safetensors --state training/distill/meshnet16-arc26.state
 	$(DISTILL) --channels 5 --lr 2e-3 -o training/distill/meshnet5-arc26.safetensors --state training/distill/meshnet5-arc26.state
+	$(DISTILL) --channels 5 $(RENDERED) --init training/distill/meshnet5-arc26.safetensors \
+	    -o training/distill/meshnet5-arc26-rendered.safetensors --state training/distill/meshnet5-arc26-rendered.state
 
 # The finished students into meshnet_lesion/weights/ and models.json; then the suite's robustness part
 # with their teacher in the same run, and their cards again with its figures. Review before committing.
