@@ -4,8 +4,9 @@ in ``models.json`` (bundled file, SHA-256, size; the teacher's input conventions
     .venv/bin/python training/ship_students.py [--students meshnet16-arc26,meshnet5-arc26] [--quality JSON]
 
 A student is finished when ``make distill-students`` has written ``training/distill/<id>.safetensors``
-(the run's last step). Its card records the run (teacher, steps, seconds, the machine that ran it, from
-the file's own metadata: each session's machine) and, with ``--quality``, the figures
+(the run's last step); where its fine-tuning with renderings has written ``<id>-rendered.safetensors``,
+that is shipped. Its card records the runs (teacher, steps, seconds, the machine that ran them, from
+the files' own metadata: each session's machine) and, with ``--quality``, the figures
 that ``benchmarks/quality.py`` measured for it and for its teacher in the same run. Rerunning replaces
 the entries (keeping measured figures it does not produce, e.g. ``--part right-hemisphere``'s); other
 entries are left as they are.
