@@ -270,7 +270,7 @@ def test_a_rendering_is_the_teachers_input_with_its_own_truth_and_is_cached(shar
     assert min(seen.values()) >= 2, seen
 
 
-def test_train_with_a_teacher_stops_resumes_and_writes_an_importable_student(shared, tmp_path, capsys, monkeypatch):
+def test_train_with_a_teacher_stops_resumes_and_writes_an_importable_student(tiny_teacher, tmp_path, capsys):
     """The command line: ``train IMAGE --teacher ID`` stops after --session-steps with its state saved, the
     same command finishes the run, and the student it writes records its run and imports as a model."""
     import json
@@ -279,15 +279,8 @@ def test_train_with_a_teacher_stops_resumes_and_writes_an_importable_student(sha
     from safetensors import safe_open
 
     from meshnet_lesion import cli
-    from meshnet_lesion.model import build_meshnet
-    from meshnet_lesion.registry import Registry
+    from meshnet_lesion.registry import Registry, sha256_of
 
-    monkeypatch.setenv("MESHNET_LESION_CACHE", str(tmp_path / "cache"))   # its imports stay out of other tests
-    teacher_folder = tmp_path / "teacher"
-    teacher_folder.mkdir()
-    torch.manual_seed(1)
-    build_meshnet(3).eval().save(teacher_folder / "model.safetensors")
-    Registry().import_folder(teacher_folder, "tiny-teacher", card={"postprocess": {"brain_mask": False}})
     image = tmp_path / "head.nii.gz"
     volume = np.zeros((48, 48, 48), np.float32)
     volume[8:40, 8:40, 8:40] = np.random.default_rng(0).random((32, 32, 32), dtype=np.float32) * 100
@@ -304,6 +297,15 @@ def test_train_with_a_teacher_stops_resumes_and_writes_an_importable_student(sha
     assert run["teacher"] == "tiny-teacher" and run["channels"] == 3 and run["steps"] == 4
     assert [(s["first_step"], s["steps"]) for s in run["sessions"]] == [(0, 2), (2, 2)]
     assert all("CPUs" in s["machine"] for s in run["sessions"])
+    tuned = tmp_path / "tuned.safetensors"                         # --init: a fine-tuning run records its start
+    fine_tune = ["train", str(image), "-o", str(tuned), "--teacher", "tiny-teacher", "--steps", "2", "--crop", "16",
+                 "--init", str(output)]
+    assert cli.main([*fine_tune, "--channels", "4"]) != 0 and not tuned.exists()   # not a MeshNet-4
+    assert "is a MeshNet-3, not --channels 4" in capsys.readouterr().err
+    assert cli.main([*fine_tune, "--channels", "3"]) == 0
+    with safe_open(str(tuned), framework="numpy") as handle:
+        initial = json.loads(handle.metadata()["meshnet_distillation"])["initial"]
+    assert initial["file"] == output.name and initial["sha256"] == sha256_of(output) and initial["run"] == run
     folder = tmp_path / "student"
     folder.mkdir()
     output.rename(folder / output.name)
