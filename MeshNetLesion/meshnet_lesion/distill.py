@@ -381,26 +381,26 @@ def rendered_view(teacher, head: synth.Head, seed: Sequence[int], lesions: Seque
     rng = np.random.default_rng(list(seed))
     chosen = [lesions[i] for i in rng.choice(len(lesions), min(len(lesions), int(rng.integers(1, 3))),
                                              replace=False)] if lesions else []
-    identity = json.dumps({"teacher": teacher.entry.id, "files": _teacher_files(teacher), "head": head.name,
+    drawn = head.tissues if head.tissues is not None else head.image
+    anatomy = hashlib.sha256(np.ascontiguousarray(drawn).tobytes() + head.affine.tobytes()).hexdigest()
+    identity = json.dumps({"teacher": teacher.entry.id, "files": _teacher_files(teacher), "head": anatomy,
                            "seed": list(seed), "lesions": [p.name for p in chosen],
                            "contrast": None if contrast is None else np.round(contrast, 6).tolist()}, sort_keys=True)
     path = Path(cache_dir) / f"rendering-{hashlib.sha256(identity.encode()).hexdigest()}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as stored:
-            x, truth, brain, affine = (stored[k] for k in ("x", "truth", "brain", "affine"))
+            x, truth, brain = (stored[k] for k in ("x", "truth", "brain"))
             box = tuple(slice(int(a), int(b)) for a, b in stored["box"])
     else:
         image, mask, _ = synth.render(head, [synth.LesionSource.load(p) for p in chosen], rng, contrast=contrast)
         volume = Volume(image, head.affine)
         prepared, x = _teachers_input(teacher, volume)
-        affine = prepared.grid.affine
-        truth = perturb.onto(mask == 1, volume, Volume(prepared.grid.array, affine)).astype(np.uint8)
+        truth = perturb.onto(mask == 1, volume, Volume(prepared.grid.array, prepared.grid.affine)).astype(np.uint8)
         brain = prepared.brain if prepared.brain is not None else prepared.grid.array > 0
         box = _lesion_box(prepared)
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         with atomic_file(path) as partial, open(partial, "wb") as handle:
-            np.savez_compressed(handle, x=x, truth=truth, brain=brain, affine=affine,
-                                box=np.array([[b.start, b.stop] for b in box]))
+            np.savez_compressed(handle, x=x, truth=truth, brain=brain, box=np.array([[b.start, b.stop] for b in box]))
     return TeacherView(x, truth.astype(np.float32), box, brain=brain,
                        stripped=ndimage.binary_dilation(brain, iterations=3), truth=truth)
 
