@@ -67,7 +67,7 @@ def test_segment_batch_with_all_outputs(sample_paths, tmp_path):
     probability = nib.load(probs / "M2265_T2w_prob.nii.gz")
     assert probability.get_data_dtype() == np.float32 and probability.shape == image.shape
     assert (previews / "M2265_T2w_preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "mL in 1 component(s)" in done.stdout
+    assert f"{report['lesion_volume_ml']:.2f} mL in {report['lesion_components']} component(s)" in done.stdout
 
 
 @pytest.mark.slow
