@@ -722,6 +722,10 @@ def _distill(args: argparse.Namespace, config) -> int:
     images = [args.pairs] if args.pairs.name.endswith(_SUFFIXES) else [image for image, _ in read_pairs(args.pairs)]
     state = args.state or args.output.with_suffix(".state")
     cache = args.teacher_cache or state.parent / f"{state.stem}.teacher"
+    initial = MeshNet.load(args.init) if args.init else None          # checked before the teacher's minutes
+    if initial is not None and initial.spec.layers[0].out_channels != config.channels:
+        raise InputError(f"{args.init.name} is a MeshNet-{initial.spec.layers[0].out_channels}, "
+                         f"not --channels {config.channels}")
     teacher = Segmenter(args.teacher, device=args.device, precision="fp32")
     views = []
     for image in images:
@@ -736,10 +740,6 @@ def _distill(args: argparse.Namespace, config) -> int:
         if not lesions:
             raise InputError(f"no lesion masks (*.nii, *.nii.gz) in {args.lesions}")
     renderings = _renderings(args, teacher, load_volume(images[0]), lesions, cache) if args.label_head else []
-    initial = MeshNet.load(args.init) if args.init else None
-    if initial is not None and initial.spec.layers[0].out_channels != config.channels:
-        raise InputError(f"{args.init.name} is a MeshNet-{initial.spec.layers[0].out_channels}, "
-                         f"not --channels {config.channels}")
     settings = distill.DistillConfig(train=config, steps=args.steps, temperature=args.temperature,
                                      weight=args.distill_weight, save_every=args.save_every,
                                      initial=sha256_of(args.init) if args.init else "")
