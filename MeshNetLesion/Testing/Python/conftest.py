@@ -57,6 +57,19 @@ def arc_volume(sample_paths):
 
 
 @pytest.fixture(scope="session")
+def label_head(sample_paths, shared):
+    """t1_crop's brainchop subcortical labels (the peer's own output) and a brain mask grown from them."""
+    from scipy import ndimage
+
+    from meshnet_lesion import load_volume, synth
+
+    t1 = load_volume(sample_paths["sample-t1-crop"])
+    labels = np.asarray(load_volume(shared / "reference" / "t1_crop.brainchop-0.2.5.subcortical.nii.gz").array)
+    brain = ndimage.binary_fill_holes(ndimage.binary_dilation(labels > 0, iterations=2))
+    return synth.label_head(t1, labels.astype(np.uint8), brain, "t1_crop")
+
+
+@pytest.fixture(scope="session")
 def arc_part(arc_volume):
     """A 160 x 128 x 128 mm part of M2265 (stored LIA) with its lesion, centred left to right on the scan: the
     networks run on its head box (+ margin) in the conformed grid, about half of the whole scan's."""

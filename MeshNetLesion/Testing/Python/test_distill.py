@@ -226,21 +226,15 @@ def tiny_teacher(tmp_path, monkeypatch):
     return Segmenter("tiny-teacher", device="cpu", precision="fp32")
 
 
-def test_a_rendering_is_the_teachers_input_with_its_own_truth_and_is_cached(shared, sample_paths, tiny_teacher,
+def test_a_rendering_is_the_teachers_input_with_its_own_truth_and_is_cached(shared, label_head, tiny_teacher,
                                                                            tmp_path, monkeypatch):
     """A label-head rendering with a real SOOP lesion, on the teacher's grid (RAS-ordered t1_crop becomes the
     conformed grid): the truth keeps the painted lesion's size and lies on its hyperintense voxels; the
     soft target is the truth; a second call reads the view back; samples of it carry the truth."""
-    from scipy import ndimage
+    from meshnet_lesion import synth
 
-    from meshnet_lesion import load_volume, synth
-
-    t1 = load_volume(sample_paths["sample-t1-crop"])
-    labels = np.asarray(load_volume(shared / "reference" / "t1_crop.brainchop-0.2.5.subcortical.nii.gz").array)
-    brain = ndimage.binary_fill_holes(ndimage.binary_dilation(labels > 0, iterations=2))
-    head = synth.label_head(t1, labels.astype(np.uint8), brain, "t1_crop")
-    flipped = np.diag([-1.0, 1.0, 1.0, 1.0]) @ head.affine            # another orientation: conform must turn it
-    head = replace(head, affine=flipped)
+    flipped = np.diag([-1.0, 1.0, 1.0, 1.0]) @ label_head.affine      # another orientation: conform must turn it
+    head = replace(label_head, affine=flipped)
     lesions = synth.split_lesions(sorted((shared / "lesions" / "soop").glob("*.nii.gz")))[0][:50]
     view = rendered_view(tiny_teacher, head, [13, 1], lesions, None, tmp_path / "views")
     rng = np.random.default_rng([13, 1])                  # the draws rendered_view makes: its lesions, then render

@@ -21,15 +21,6 @@ def real_head(arc_volume, arc_result):
     return synth.real_head(arc_volume, arc_result.brain, arc_result.labels == 1, "M2265")
 
 
-@pytest.fixture(scope="module")
-def label_head(sample_paths, shared):
-    """t1_crop's brainchop subcortical labels (the peer's own output) and a brain mask grown from them."""
-    t1 = load_volume(sample_paths["sample-t1-crop"])
-    labels = np.asarray(load_volume(shared / "reference" / "t1_crop.brainchop-0.2.5.subcortical.nii.gz").array)
-    brain = ndimage.binary_fill_holes(ndimage.binary_dilation(labels > 0, iterations=2))
-    return synth.label_head(t1, labels.astype(np.uint8), brain, "t1_crop")
-
-
 def test_lesion_split_is_stable_disjoint_and_about_a_tenth(soop):
     train, test = synth.split_lesions(soop)
     assert len(soop) > 1000 and not set(train) & set(test) and len(train) + len(test) == len(soop)
