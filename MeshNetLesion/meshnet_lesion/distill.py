@@ -368,6 +368,15 @@ def teacher_view(teacher, volume, cache_dir: Path) -> TeacherView:
     return TeacherView.of(x, soft.astype(np.float32), _lesion_box(prepared), prepared.grid.affine, prepared.brain)
 
 
+def rendering_draws(seed: Sequence[int], lesions: Sequence[Path]) -> tuple[np.random.Generator, list[Path]]:
+    """The lesions a rendering seeded with ``seed`` carries (one or two of ``lesions``; none if empty), and the
+    generator that then renders it (:func:`~.synth.render`), as :func:`rendered_view` draws them."""
+    rng = np.random.default_rng(list(seed))
+    chosen = [lesions[i] for i in rng.choice(len(lesions), min(len(lesions), int(rng.integers(1, 3))),
+                                             replace=False)] if lesions else []
+    return rng, chosen
+
+
 def rendered_view(teacher, head: synth.Head, seed: Sequence[int], lesions: Sequence[Path],
                   contrast: np.ndarray | None, cache_dir: Path) -> TeacherView:
     """A rendering of a label head (:func:`~.synth.render` seeded with ``seed``: lesion-free when ``lesions``
@@ -378,9 +387,7 @@ def rendered_view(teacher, head: synth.Head, seed: Sequence[int], lesions: Seque
     renderings (the quality suite's lesion-free cases), and a student that learnt them would too; a
     rendering's truth is known. The view is cached in ``cache_dir`` (the rendering and its brain mask take
     a minute)."""
-    rng = np.random.default_rng(list(seed))
-    chosen = [lesions[i] for i in rng.choice(len(lesions), min(len(lesions), int(rng.integers(1, 3))),
-                                             replace=False)] if lesions else []
+    rng, chosen = rendering_draws(seed, lesions)
     drawn = head.tissues if head.tissues is not None else head.image
     anatomy = hashlib.sha256(np.ascontiguousarray(drawn).tobytes() + head.affine.tobytes()).hexdigest()
     identity = json.dumps({"teacher": teacher.entry.id, "files": _teacher_files(teacher), "head": anatomy,

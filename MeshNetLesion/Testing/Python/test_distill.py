@@ -21,6 +21,7 @@ from meshnet_lesion.distill import (
     intensity_augmented,
     measure_batchnorm,
     rendered_view,
+    rendering_draws,
     student,
     teacher_logit,
 )
@@ -237,8 +238,7 @@ def test_a_rendering_is_the_teachers_input_with_its_own_truth_and_is_cached(shar
     head = replace(label_head, affine=flipped)
     lesions = synth.split_lesions(sorted((shared / "lesions" / "soop").glob("*.nii.gz")))[0][:50]
     view = rendered_view(tiny_teacher, head, [13, 1], lesions, None, tmp_path / "views")
-    rng = np.random.default_rng([13, 1])                  # the draws rendered_view makes: its lesions, then render
-    chosen = [lesions[i] for i in rng.choice(len(lesions), int(rng.integers(1, 3)), replace=False)]
+    rng, chosen = rendering_draws([13, 1], lesions)
     _, mask, _ = synth.render(head, [synth.LesionSource.load(p) for p in chosen], rng)
     painted = int(np.count_nonzero(mask == 1))
     assert painted > 200 and abs(int(view.truth.sum()) - painted) < 0.05 * painted
