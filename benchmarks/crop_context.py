@@ -1,0 +1,98 @@
+"""The distilled students on the whole grid (as the pipeline runs them) and on 64³ tiles (the context of
+their training crops): M2265, its mirrored healthy hemisphere and the quality suite's lesion-free renderings.
+
+    .venv/bin/python benchmarks/crop_context.py [--synthetic 2]
+
+The students were trained on 64³ crops; their receptive field is 93 voxels, so on the whole grid they see
+context they never saw in training. Tiles: stride 32, each voxel from the tile where it lies most
+centrally. Lesion mL on the model grid inside the brain mask (not the source grid: the figures are close
+to, not equal to, the suite's); on M2265 also the Dice against the teacher's cached map (> 0.5), which
+``make distill-students`` leaves in training/.work/teacher (computed here if absent). Prints the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from quality import lesion_free_renderings  # noqa: E402  (sets the path and the mirror)
+
+from meshnet_lesion import Registry, Segmenter, load_volume, perturb, synth  # noqa: E402
+from meshnet_lesion.distill import _teachers_input, teacher_view  # noqa: E402
+from meshnet_lesion.machine import describe, machine  # noqa: E402
+from meshnet_lesion.metrics import dice  # noqa: E402
+from meshnet_lesion.model import MeshNet  # noqa: E402
+
+STUDENTS = ("meshnet16-arc26", "meshnet5-arc26")
+TILE = 64
+TEACHER_CACHE = ROOT / "training" / ".work" / "teacher"
+
+
+def lesion_probability(net: MeshNet, x: torch.Tensor, box: tuple[slice, ...], tile: int | None) -> np.ndarray:
+    """The network's lesion probability over ``box`` of ``x`` (1, 1, ...), in one pass or in tiles."""
+    out = np.zeros(x.shape[2:], np.float32)
+    if tile is None:
+        with torch.no_grad():
+            out[box] = torch.softmax(net(x[(..., *box)]), 1)[0, 1].numpy()
+        return out
+    distance = np.full(out.shape, np.inf, np.float32)
+    starts = [sorted({*range(b.start, max(b.start, b.stop - tile) + 1, tile // 2), max(b.start, b.stop - tile)})
+              for b in box]
+    for corner in np.stack(np.meshgrid(*starts, indexing="ij"), -1).reshape(-1, 3):
+        window = tuple(slice(int(c), int(c) + tile) for c in corner)
+        with torch.no_grad():
+            p = torch.softmax(net(x[(..., *window)]), 1)[0, 1].numpy()
+        axes = [np.abs(np.arange(n) - (tile - 1) / 2) for n in p.shape]
+        off_centre = np.maximum.reduce(np.meshgrid(*axes, indexing="ij"))
+        nearer = off_centre < distance[window]
+        out[window][nearer] = p[nearer]
+        distance[window][nearer] = off_centre[nearer]
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--synthetic", type=int, default=2, help="renderings of each kind")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    print(f"machine: {describe(machine())}")
+    registry = Registry()
+    scan = load_volume(next(iter(registry.fetch("sample-arc-m2265-t2w").values())))
+    pipeline = Segmenter(STUDENTS[0], registry=registry, device="cpu")      # the students share its input
+    brain = pipeline.segment(scan).brain
+    head = synth.build_label_head(Path(os.environ["MESHNET_LESION_MIRROR"]) / "mri" / "t1_crop.nii.gz",
+                                  registry, "cpu")
+    cases = [("M2265", scan), ("mirrored healthy hemisphere", perturb.mirrored_healthy_hemisphere(scan, "L"))]
+    for kind, volumes in lesion_free_renderings(head, synth.measured_contrast(scan.array, brain),
+                                                args.synthetic).items():
+        cases += [(f"{kind} {seed}", volume) for seed, volume in volumes]
+    teacher = Segmenter("arc-meshnet26", registry=registry, device="cpu", precision="fp32")
+    reference = teacher_view(teacher, scan, TEACHER_CACHE).soft > 0.5
+    nets = {name: MeshNet.load(next(iter(registry.fetch(name).values()))).eval() for name in STUDENTS}
+    for case, volume in cases:
+        prepared, x = _teachers_input(pipeline, volume)
+        inside = prepared.brain
+        box = tuple(slice(max(0, int(a.min()) - 8), int(a.max()) + 9) for a in np.nonzero(inside))
+        tensor = torch.from_numpy(x)[None, None]
+        for name, net in nets.items():
+            cells = []
+            for tile in (None, TILE):
+                tick = time.perf_counter()
+                lesion = (lesion_probability(net, tensor, box, tile) > 0.5) & inside
+                agreement = f", Dice vs teacher {dice(lesion, reference & inside):.3f}" if case == "M2265" else ""
+                cells.append(f"{'whole grid' if tile is None else f'{TILE}³ tiles'} {lesion.sum() / 1000:.2f} mL"
+                             f"{agreement} ({time.perf_counter() - tick:.0f} s)")
+            print(f"{case:46s} {name:16s} " + " | ".join(cells), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
