@@ -1,13 +1,14 @@
 """The distilled students on the whole grid (as the pipeline runs them) and on 64³ tiles (the context of
 their training crops): M2265, its mirrored healthy hemisphere and the quality suite's lesion-free renderings.
 
-    .venv/bin/python benchmarks/crop_context.py [--synthetic 2]
+    .venv/bin/python benchmarks/crop_context.py [--synthetic 2] [--students meshnet16-arc26,meshnet5-arc26]
 
 The students were trained on 64³ crops; their receptive field is 93 voxels, so on the whole grid they see
-context they never saw in training. Tiles: stride 32, each voxel from the tile where it lies most
-centrally. Lesion mL on the model grid inside the brain mask (not the source grid: the figures are close
-to, not equal to, the suite's); on M2265 also the Dice against the teacher's cached map (> 0.5), which
-``make distill-students`` leaves in training/.work/teacher (computed here if absent). Prints the machine.
+context they never saw in training. The whole grid is the pipeline's: the brain's box and its margin.
+Tiles: stride 32, each voxel from the tile where it lies most centrally. Lesion mL on the model grid
+inside the brain mask (not the source grid: the figures are close to, not equal to, the suite's); on
+M2265 also the Dice against the teacher's cached map (> 0.5), which ``make distill-students`` leaves in
+training/.work/teacher (computed here if absent). Prints the machine.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from quality import lesion_free_renderings  # noqa: E402  (sets the path and the mirror)
 
 from meshnet_lesion import Registry, Segmenter, load_volume, perturb, synth  # noqa: E402
-from meshnet_lesion.distill import _teachers_input, teacher_view  # noqa: E402
+from meshnet_lesion.distill import lesion_box, network_input, teacher_view  # noqa: E402
 from meshnet_lesion.machine import describe, machine  # noqa: E402
 from meshnet_lesion.metrics import dice  # noqa: E402
 from meshnet_lesion.model import MeshNet  # noqa: E402
@@ -60,27 +61,30 @@ def lesion_probability(net: MeshNet, x: torch.Tensor, box: tuple[slice, ...], ti
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--synthetic", type=int, default=2, help="renderings of each kind")
+    parser.add_argument("--synthetic", type=int, default=2, help="renderings of each kind (0: none)")
+    parser.add_argument("--students", default=",".join(STUDENTS), help="registry ids of MeshNet lesion models")
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(f"machine: {describe(machine())}")
     registry = Registry()
     scan = load_volume(next(iter(registry.fetch("sample-arc-m2265-t2w").values())))
-    pipeline = Segmenter(STUDENTS[0], registry=registry, device="cpu")      # the students share its input
+    students = args.students.split(",")
+    pipeline = Segmenter(students[0], registry=registry, device="cpu")      # the students share its input
     brain = pipeline.segment(scan).brain
-    head = synth.build_label_head(Path(os.environ["MESHNET_LESION_MIRROR"]) / "mri" / "t1_crop.nii.gz",
-                                  registry, "cpu")
     cases = [("M2265", scan), ("mirrored healthy hemisphere", perturb.mirrored_healthy_hemisphere(scan, "L"))]
-    for kind, volumes in lesion_free_renderings(head, synth.measured_contrast(scan.array, brain),
-                                                args.synthetic).items():
-        cases += [(f"{kind} {seed}", volume) for seed, volume in volumes]
+    if args.synthetic:
+        head = synth.build_label_head(Path(os.environ["MESHNET_LESION_MIRROR"]) / "mri" / "t1_crop.nii.gz",
+                                      registry, "cpu")
+        for kind, volumes in lesion_free_renderings(head, synth.measured_contrast(scan.array, brain),
+                                                    args.synthetic).items():
+            cases += [(f"{kind} {seed}", volume) for seed, volume in volumes]
     teacher = Segmenter("arc-meshnet26", registry=registry, device="cpu", precision="fp32")
     reference = teacher_view(teacher, scan, TEACHER_CACHE).soft > 0.5
-    nets = {name: MeshNet.load(next(iter(registry.fetch(name).values()))).eval() for name in STUDENTS}
+    nets = {name: MeshNet.load(next(iter(registry.fetch(name).values()))).eval() for name in students}
     for case, volume in cases:
-        prepared, x = _teachers_input(pipeline, volume)
+        prepared, x = network_input(pipeline, volume)
         inside = prepared.brain
-        box = tuple(slice(max(0, int(a.min()) - 8), int(a.max()) + 9) for a in np.nonzero(inside))
+        box = lesion_box(prepared)
         tensor = torch.from_numpy(x)[None, None]
         for name, net in nets.items():
             cells = []

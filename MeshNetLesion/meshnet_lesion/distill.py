@@ -321,7 +321,7 @@ class TeacherView:
         return cls(x, soft, box, brain, ndimage.binary_dilation(brain, iterations=3), head, white, csf)
 
 
-def _teachers_input(teacher, volume: Volume):
+def network_input(teacher, volume: Volume):
     """What ``teacher`` (a :class:`~.pipeline.Segmenter`) feeds its lesion network for ``volume``: the
     prepared input (grid, brain mask) and the normalised, standardised array."""
     from .preprocess import standardize
@@ -334,7 +334,7 @@ def _teachers_input(teacher, volume: Volume):
     return prepared, np.ascontiguousarray(x, np.float32)
 
 
-def _lesion_box(prepared) -> tuple[slice, slice, slice]:
+def lesion_box(prepared) -> tuple[slice, slice, slice]:
     """The box the lesion network is run on: the brain and its margin, or the head without a brain mask."""
     from .pipeline import LESION_BRAIN_MARGIN
     from .preprocess import head_box
@@ -352,7 +352,7 @@ def teacher_view(teacher, volume, cache_dir: Path) -> TeacherView:
     """The teacher's view of ``volume`` (a :class:`~.pipeline.Segmenter`), its probability cached on disk."""
     from .pipeline import cropped
 
-    prepared, x = _teachers_input(teacher, volume)
+    prepared, x = network_input(teacher, volume)
     box = prepared.box
 
     def run(volume_x: np.ndarray) -> np.ndarray:
@@ -365,7 +365,7 @@ def teacher_view(teacher, volume, cache_dir: Path) -> TeacherView:
     soft = TeacherCache(cache_dir, teacher.entry.id, _teacher_files(teacher), run).probability(x)
     if prepared.brain is not None:
         soft = soft * prepared.brain
-    return TeacherView.of(x, soft.astype(np.float32), _lesion_box(prepared), prepared.grid.affine, prepared.brain)
+    return TeacherView.of(x, soft.astype(np.float32), lesion_box(prepared), prepared.grid.affine, prepared.brain)
 
 
 def rendering_draws(seed: Sequence[int], lesions: Sequence[Path]) -> tuple[np.random.Generator, list[Path]]:
@@ -401,10 +401,10 @@ def rendered_view(teacher, head: synth.Head, seed: Sequence[int], lesions: Seque
     else:
         image, mask, _ = synth.render(head, [synth.LesionSource.load(p) for p in chosen], rng, contrast=contrast)
         volume = Volume(image, head.affine)
-        prepared, x = _teachers_input(teacher, volume)
+        prepared, x = network_input(teacher, volume)
         truth = perturb.onto(mask == 1, volume, Volume(prepared.grid.array, prepared.grid.affine)).astype(np.uint8)
         brain = prepared.brain if prepared.brain is not None else prepared.grid.array > 0
-        box = _lesion_box(prepared)
+        box = lesion_box(prepared)
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         with atomic_file(path) as partial, open(partial, "wb") as handle:
             np.savez_compressed(handle, x=x, truth=truth, brain=brain, box=np.array([[b.start, b.stop] for b in box]))
