@@ -1,11 +1,12 @@
-"""The distilled students on the whole grid (as the pipeline runs them) and on 64³ tiles (the context of
+"""The distilled students on the whole grid (as the pipeline runs them) and on tiles (64³: the context of
 their training crops): M2265, its mirrored healthy hemisphere and the quality suite's lesion-free renderings.
 
-    .venv/bin/python benchmarks/crop_context.py [--synthetic 2] [--students meshnet16-arc26,meshnet5-arc26]
+    .venv/bin/python benchmarks/crop_context.py [--synthetic 2] [--tile 64]
+        [--students meshnet16-arc26,meshnet5-arc26]
 
 The students were trained on 64³ crops; their receptive field is 93 voxels, so on the whole grid they see
 context they never saw in training. The whole grid is the pipeline's: the brain's box and its margin.
-Tiles: stride 32, each voxel from the tile where it lies most centrally. Lesion mL on the model grid
+Tiles: stride half their edge, each voxel from the tile where it lies most centrally. Lesion mL on the model grid
 inside the brain mask (not the source grid: the figures are close to, not equal to, the suite's); on
 M2265 also the Dice against the teacher's cached map (> 0.5), which ``make distill-students`` leaves in
 training/.work/teacher (computed here if absent). Prints the machine.
@@ -33,7 +34,6 @@ from meshnet_lesion.metrics import dice  # noqa: E402
 from meshnet_lesion.model import MeshNet  # noqa: E402
 
 STUDENTS = ("meshnet16-arc26", "meshnet5-arc26")
-TILE = 64
 TEACHER_CACHE = ROOT / "training" / ".work" / "teacher"
 
 
@@ -62,6 +62,7 @@ def lesion_probability(net: MeshNet, x: torch.Tensor, box: tuple[slice, ...], ti
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--synthetic", type=int, default=2, help="renderings of each kind (0: none)")
+    parser.add_argument("--tile", type=int, default=64, help="tile edge in voxels (stride: half of it)")
     parser.add_argument("--students", default=",".join(STUDENTS), help="registry ids of MeshNet lesion models")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -88,11 +89,11 @@ def main() -> int:
         tensor = torch.from_numpy(x)[None, None]
         for name, net in nets.items():
             cells = []
-            for tile in (None, TILE):
+            for tile in (None, args.tile):
                 tick = time.perf_counter()
                 lesion = (lesion_probability(net, tensor, box, tile) > 0.5) & inside
                 agreement = f", Dice vs teacher {dice(lesion, reference & inside):.3f}" if case == "M2265" else ""
-                cells.append(f"{'whole grid' if tile is None else f'{TILE}³ tiles'} {lesion.sum() / 1000:.2f} mL"
+                cells.append(f"{'whole grid' if tile is None else f'{tile}³ tiles'} {lesion.sum() / 1000:.2f} mL"
                              f"{agreement} ({time.perf_counter() - tick:.0f} s)")
             print(f"{case:46s} {name:16s} " + " | ".join(cells), flush=True)
     return 0
