@@ -81,7 +81,8 @@ distill-students: env
 
 # In progress, not shipped: MeshNet-16 distilled on 96³ crops, so that its training context comes closer to the
 # whole grid its 93-voxel receptive field sees at inference (README, Distilled students: on 64³ tiles the
-# distilled MeshNet-16 loses its mirrored-hemisphere false lesion). Resumable like the runs above.
+# distilled MeshNet-16 loses its mirrored-hemisphere false lesion). Resumable like the runs above; checked at
+# step 875 of 2,000, it had not helped yet (README).
 distill-crop96: env
 	$(DISTILL) --channels 16 --lr 1e-3 --crop 96 -o training/distill/meshnet16-arc26-crop96.safetensors \
 	    --state training/distill/meshnet16-arc26-crop96.state
