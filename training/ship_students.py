@@ -39,6 +39,9 @@ def entry(student_id: str, registry: dict, quality: dict | None, report: Path | 
     with safe_open(str(source), framework="numpy") as handle:
         run = json.loads(handle.metadata()["meshnet_distillation"])
     first = (run.get("initial") or {}).get("run") or run        # the distillation the fine-tuning started from
+    for stage in (first, run):
+        if "unfinished" in stage:
+            raise SystemExit(f"{source.name} comes from an unfinished run ({stage['unfinished']}); finish it first")
     tuned = run if first is not run else None
     teacher = next(m for m in registry["models"] if m["id"] == run["teacher"])
     member = next(m for m in registry["models"] if m["id"] == teacher.get("members", [teacher["id"]])[0])

@@ -162,6 +162,9 @@ def _parser() -> argparse.ArgumentParser:
                           "the same command continues from it (default: OUTPUT with .state)")
     teaching.add_argument("--save-every", type=int, default=50)
     teaching.add_argument("--session-steps", type=int, help="stop after this many steps of this call (resume later)")
+    teaching.add_argument("--unfinished", action="store_true", help="write OUTPUT also when this call stops short "
+                          "of --steps: the student so far, to check a run halfway (its metadata says so; "
+                          "ship_students refuses it); with --session-steps 0 it trains nothing")
     teaching.add_argument("--teacher-cache", type=Path, help="where the teacher's maps are kept (default: beside "
                           "the state file)")
     teaching.add_argument("--lesions", type=Path, help="a folder of lesion masks in MNI space (e.g. SOOP's) painted "
@@ -750,14 +753,17 @@ def _distill(args: argparse.Namespace, config) -> int:
     steps = len(record.losses)
     if steps < args.steps:
         print(f"stopped at step {steps} of {args.steps}; the same command continues from {state}")
-        return 0
+        if not args.unfinished:
+            return 0
     model.save(args.output, {"meshnet_distillation": json.dumps({
         "teacher": args.teacher, "channels": config.channels, "steps": steps, "crop": size, "temperature": args.temperature,
+        **({"unfinished": f"step {steps} of {args.steps}"} if steps < args.steps else {}),
         "weight": args.distill_weight, "images": [str(p) for p in images], "painted_lesions": len(lesions),
         "renderings": len(renderings), "initial": _initial_run(args.init),
         "seconds": round(record.seconds, 1), "sessions": record.sessions,
         "losses_every_10": record.losses[::10]})})
-    print(f"wrote {args.output} (import it with: meshnet-lesion models import FOLDER)")
+    print(f"wrote {args.output}{' (unfinished)' if steps < args.steps else ''} "
+          f"(import it with: meshnet-lesion models import FOLDER)")
     return 0
 
 

@@ -193,7 +193,7 @@ def distill(samples: Callable[[int], Sample], config: DistillConfig, state_path:
         step, record = load_state(state_path, model, optimizer, scheduler, config)
     started, done_here, cpu = time.perf_counter(), 0, torch.device("cpu")
     session = {"machine": describe(machine()), "first_step": step, "steps": 0, "seconds": 0.0}
-    if step < config.steps:
+    if step < config.steps and stop_after != 0:          # a call that trains nothing is no session
         record.sessions.append(session)
     while step < config.steps and (stop_after is None or done_here < stop_after):
         if step == 0 and initial is None:
@@ -218,7 +218,7 @@ def distill(samples: Callable[[int], Sample], config: DistillConfig, state_path:
             save_state(state_path, model, optimizer, scheduler, step, record, config)
         if progress is not None and (step % 10 == 0 or step == config.steps):
             progress(f"step {step}/{config.steps}: loss {np.mean(record.losses[-10:]):.4f}")
-    if step % config.save_every != 0 and step != config.steps:
+    if done_here and step % config.save_every != 0 and step != config.steps:
         _account(record, session, started, done_here)
         save_state(state_path, model, optimizer, scheduler, step, record, config)
     return model.eval(), record

@@ -285,10 +285,16 @@ def test_train_with_a_teacher_stops_resumes_and_writes_an_importable_student(tin
     assert cli.main(command) == 0
     assert "stopped at step 2 of 4" in capsys.readouterr().out and not output.exists()
     assert (tmp_path / "student.state").is_file() and list((tmp_path / "student.teacher").glob("*.npz"))
+    saved = sha256_of(tmp_path / "student.state")          # --unfinished --session-steps 0: the student so far
+    assert cli.main([*command[:-1], "0", "--unfinished"]) == 0 and "(unfinished)" in capsys.readouterr().out
+    with safe_open(str(output), framework="numpy") as handle:
+        halfway = json.loads(handle.metadata()["meshnet_distillation"])
+    assert halfway["unfinished"] == "step 2 of 4" and halfway["steps"] == 2 and len(halfway["sessions"]) == 1
+    assert sha256_of(tmp_path / "student.state") == saved     # exporting trains nothing and leaves the state
     assert cli.main(command) == 0
     with safe_open(str(output), framework="numpy") as handle:
         run = json.loads(handle.metadata()["meshnet_distillation"])
-    assert run["teacher"] == "tiny-teacher" and run["channels"] == 3 and run["steps"] == 4
+    assert run["teacher"] == "tiny-teacher" and run["channels"] == 3 and run["steps"] == 4 and "unfinished" not in run
     assert [(s["first_step"], s["steps"]) for s in run["sessions"]] == [(0, 2), (2, 2)]
     assert all("CPUs" in s["machine"] for s in run["sessions"])
     tuned = tmp_path / "tuned.safetensors"                         # --init: a fine-tuning run records its start
