@@ -79,10 +79,12 @@ distill-students: env
 	$(DISTILL) --channels 5 --crop 64 $(RENDERED) --init training/distill/meshnet5-arc26.safetensors \
 	    -o training/distill/meshnet5-arc26-rendered.safetensors --state training/distill/meshnet5-arc26-rendered.state
 
-# In progress, not shipped: MeshNet-16 distilled on 96³ crops, so that its training context comes closer to the
+# Finished, not shipped: MeshNet-16 distilled on 96³ crops, so that its training context comes closer to the
 # whole grid its 93-voxel receptive field sees at inference (README, Distilled students: on 64³ tiles the
-# distilled MeshNet-16 loses its mirrored-hemisphere false lesion). Resumable like the runs above; checked at
-# step 875 of 2,000, it had not helped yet (README).
+# distilled MeshNet-16 loses its mirrored-hemisphere false lesion). On the whole grid it did not help; on 96³
+# tiles, its own crop, it passes (README). To check any run halfway, its command with
+# `--session-steps 0 --unfinished -o DIR/ID.safetensors` writes the student so far (training nothing);
+# `meshnet-lesion models import DIR` then gives benchmarks/crop_context.py --students ID.
 distill-crop96: env
 	$(DISTILL) --channels 16 --lr 1e-3 --crop 96 -o training/distill/meshnet16-arc26-crop96.safetensors \
 	    --state training/distill/meshnet16-arc26-crop96.state
