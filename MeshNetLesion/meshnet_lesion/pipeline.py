@@ -31,6 +31,7 @@ from .progress import CancelToken, Progress, ProgressCallback
 from .registry import DownloadProgress, Entry, Registry
 from .result import SegmentationResult
 from .spec import InputSpec, LoadedModel, ModelSpec
+from .tiles import run_tiled
 from .volume import Volume, left_right_axis, validate
 
 BRAIN_MODEL_ID = "brainchop-mindgrab"
@@ -108,6 +109,10 @@ class Segmenter:
         self.mirror = bool(self.entry.card.get("inference", {}).get("mirror", False) if mirror is None else mirror)
         if self.mirror and self.task != "lesion":
             raise ModelError(f"{self.entry.id} is not a lesion model: only a lesion model's pass can be mirrored")
+        tile = self.entry.card.get("inference", {}).get("tile")
+        if tile is not None and (not isinstance(tile, int) or tile < 16):
+            raise ModelError(f"{self.entry.id}: its card's tile edge must be a whole number of voxels ≥ 16, not {tile!r}")
+        self.tile: int | None = tile            # run the networks on tiles of this edge (tiles.py)
         self.min_lesion_ml = float(min_lesion_ml)
         self.crop_margin = (self.entry.card.get("inference", {}).get("crop_margin", CROP_MARGIN)
                             if crop_margin == "auto" else crop_margin)
@@ -176,8 +181,12 @@ class Segmenter:
             for side, values in enumerate(passes):
                 label = "segmenting" + (f" (model {index + 1} of {len(self.engines)})" if ensemble else "") + \
                     (": mirrored scan" if side else "")
-                outputs[side].append(engine.run(values, probability_classes=wanted, cancel=stages.cancel,
-                                                progress=stages.within(position, share, label), surround=surround))
+                within = stages.within(position, share, label)
+                outputs[side].append(
+                    run_tiled(engine, values, self.tile, probability_classes=wanted, cancel=stages.cancel,
+                              progress=within) if self.tile else
+                    engine.run(values, probability_classes=wanted, cancel=stages.cancel, progress=within,
+                               surround=surround))
                 warnings += outputs[side][-1].warnings
                 position += share
         labels_in_box, probabilities_in_box = _combine(outputs[0], lesion_task)
