@@ -32,6 +32,7 @@ from meshnet_lesion.distill import lesion_box, network_input, teacher_view  # no
 from meshnet_lesion.machine import describe, machine  # noqa: E402
 from meshnet_lesion.metrics import dice  # noqa: E402
 from meshnet_lesion.model import MeshNet  # noqa: E402
+from meshnet_lesion.tiles import tile_starts  # noqa: E402
 
 STUDENTS = ("meshnet16-arc26", "meshnet5-arc26")
 TEACHER_CACHE = ROOT / "training" / ".work" / "teacher"
@@ -45,8 +46,7 @@ def lesion_probability(net: MeshNet, x: torch.Tensor, box: tuple[slice, ...], ti
             out[box] = torch.softmax(net(x[(..., *box)]), 1)[0, 1].numpy()
         return out
     distance = np.full(out.shape, np.inf, np.float32)
-    starts = [sorted({*range(b.start, max(b.start, b.stop - tile) + 1, tile // 2), max(b.start, b.stop - tile)})
-              for b in box]
+    starts = [[b.start + s for s in tile_starts(b.stop - b.start, tile)] for b in box]
     for corner in np.stack(np.meshgrid(*starts, indexing="ij"), -1).reshape(-1, 3):
         window = tuple(slice(int(c), int(c) + tile) for c in corner)
         with torch.no_grad():
