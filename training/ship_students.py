@@ -1,15 +1,17 @@
 """Ship finished distilled students with the extension: weights into ``meshnet_lesion/weights/``, an entry each
 in ``models.json`` (bundled file, SHA-256, size; the teacher's input conventions; an honest card).
 
-    .venv/bin/python training/ship_students.py [--students meshnet16-arc26,meshnet5-arc26] [--quality JSON]
+    .venv/bin/python training/ship_students.py [--students meshnet16-arc26=meshnet16-arc26-crop96,meshnet5-arc26]
+        [--tiled meshnet16-arc26] [--quality JSON]
 
-A student is finished when ``make distill-students`` has written ``training/distill/<id>.safetensors``
-(the run's last step); where its fine-tuning with renderings has written ``<id>-rendered.safetensors``,
-that is shipped. Its card records the runs (teacher, steps, seconds, the machine that ran them, from
-the files' own metadata: each session's machine) and, with ``--quality``, the figures
-that ``benchmarks/quality.py`` measured for it and for its teacher in the same run. Rerunning replaces
-the entries (keeping measured figures it does not produce, e.g. ``--part right-hemisphere``'s); other
-entries are left as they are.
+A student ``ID`` (or ``ID=RUN``: shipped as ID from the run RUN) is finished when its run has written
+``training/distill/<RUN>.safetensors`` (the run's last step); where its fine-tuning with renderings has
+written ``<RUN>-rendered.safetensors``, that is shipped. A student named in ``--tiled`` runs on tiles of its
+training crop (its card's ``"inference": {"tile": crop}``): the context it learnt in. Its card records the
+runs (teacher, steps, seconds, the machine that ran them, from the files' own metadata: each session's
+machine) and, with ``--quality``, the figures that ``benchmarks/quality.py`` measured for it and for its
+teacher in the same run. Rerunning replaces the entries (keeping measured figures it does not produce,
+e.g. ``--part right-hemisphere``'s); other entries are left as they are.
 """
 from __future__ import annotations
 
@@ -33,8 +35,10 @@ SOOP = ("SOOP lesion masks (Stroke Outcome Optimization Project, OpenNeuro ds004
         "github.com/neurolabusc/StrokeOutcomeOptimizationProjectDemo)")
 
 
-def entry(student_id: str, registry: dict, quality: dict | None, report: Path | None = None) -> dict:
-    source = next(path for path in (RUNS / f"{student_id}-rendered.safetensors", RUNS / f"{student_id}.safetensors")
+def entry(student_id: str, registry: dict, quality: dict | None, report: Path | None = None,
+          run_name: str | None = None, tiled: bool = False) -> dict:
+    run_name = run_name or student_id
+    source = next(path for path in (RUNS / f"{run_name}-rendered.safetensors", RUNS / f"{run_name}.safetensors")
                   if path.is_file())              # the last stage: fine-tuned with renderings, or distilled only
     with safe_open(str(source), framework="numpy") as handle:
         run = json.loads(handle.metadata()["meshnet_distillation"])
@@ -69,11 +73,15 @@ def entry(student_id: str, registry: dict, quality: dict | None, report: Path | 
                         f"{run['temperature']}) on {run['crop']}^3 crops of the ARC scan M2265, degraded as scans "
                         "are (turned, skull-stripped, thick slices, intensities) while the teacher saw the clean "
                         f"scan, with {SOOP.split(' (')[0]} painted into a third of the crops as ground truth."
-                        + tuning),
+                        + tuning + ("" if not tiled else
+                                    f" It runs on {run['crop']}^3 tiles of the scan overlapping by half, the context "
+                                    "it was trained in: on the whole grid at once it calls false lesion where it "
+                                    "sees more than it learnt (the mirrored healthy hemisphere of M2265).")),
         "files": [{"name": shipped.name, "size": shipped.stat().st_size, "sha256": sha256_of(shipped),
                    "bundled": f"weights/{shipped.name}"}],
         "spec": member["spec"],
         "postprocess": teacher["postprocess"],
+        **({"inference": {"tile": int(run["crop"])}} if tiled else {}),
         "license": teacher["license"],
         "source": "this extension (training/distill, meshnet-lesion train --teacher)",
         "citation": teacher["citation"],
@@ -138,13 +146,19 @@ def measured(student_id: str, teacher_id: str, quality: dict, report: Path) -> l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--students", default="meshnet16-arc26,meshnet5-arc26")
+    parser.add_argument("--students", default="meshnet16-arc26,meshnet5-arc26",
+                        help="ID or ID=RUN (the run's files in training/distill), comma-separated")
+    parser.add_argument("--tiled", default="", help="students that run on tiles of their training crop")
     parser.add_argument("--quality", type=Path, help="benchmarks/quality.py's JSON with the students and teacher")
     args = parser.parse_args()
     registry = json.loads(BUILTIN_REGISTRY.read_text(encoding="utf-8"))
     quality = json.loads(args.quality.read_text(encoding="utf-8")) if args.quality else None
-    for student_id in args.students.split(","):
-        card = entry(student_id, registry, quality, args.quality)
+    tiled = set(filter(None, args.tiled.split(",")))
+    if tiled - {named.partition("=")[0] for named in args.students.split(",")}:
+        parser.error(f"--tiled names students not shipped here: {sorted(tiled)}")
+    for named in args.students.split(","):
+        student_id, _, run_name = named.partition("=")
+        card = entry(student_id, registry, quality, args.quality, run_name or None, student_id in tiled)
         previous = next((m for m in registry["models"] if m["id"] == student_id), {})
         made = card.get("measured", [])
         kept = [item for item in previous.get("measured", [])                  # other benchmarks' figures

@@ -207,6 +207,7 @@ class Segmenter:
         return SegmentationResult(labels, volume.affine.copy(), probs, self.entry.id, self.task, self.spec.classes,
                                   outputs[0][0].device, outputs[0][0].precision, self.restrict, self.min_lesion_ml,
                                   timings, list(dict.fromkeys(warnings)), source_brain, standardized, self.mirror,
+                                  tile=self.tile,
                                   model_version=str(self.entry.card.get("version", "")),
                                   model_files={f.name: f.sha256 for member in self.registry.members(self.entry)
                                                for f in member.files},

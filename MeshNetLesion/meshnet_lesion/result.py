@@ -34,6 +34,7 @@ class SegmentationResult:
     brain: np.ndarray | None = None  # the brain mask (restriction, standardisation), on the source grid
     standardized: bool = False       # brain intensities were mapped onto the model's landmarks
     mirrored: bool = False           # the lesion model also ran on the scan mirrored left to right
+    tile: int | None = None          # the networks ran on tiles of this edge (tiles.py), not the whole box
     model_version: str = ""
     model_files: dict[str, str] = field(default_factory=dict)  # file name -> SHA-256 (every ensemble member's)
     brain_model: str | None = None   # the brain-extraction model, when one ran
@@ -120,6 +121,7 @@ class SegmentationResult:
             "brain_volume_ml": summary["brain_volume_ml"],
             "standardized": self.standardized,
             "mirrored": self.mirrored,
+            "tile": self.tile,
             "min_lesion_ml": self.min_lesion_ml,
             "device": self.device,
             "precision": self.precision,

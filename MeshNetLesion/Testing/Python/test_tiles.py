@@ -66,17 +66,22 @@ def test_a_model_card_asks_for_tiles(tmp_path, monkeypatch):
     folder.mkdir()
     _tiny().save(folder / "model.safetensors")
     registry = Registry()
-    for entry_id, tile in (("whole", None), ("tiled", 24), ("bad", 3)):
-        card = {"postprocess": {"brain_mask": False}} | ({} if tile is None else {"inference": {"tile": tile}})
-        registry.import_folder(folder, entry_id, card=card)
+    for entry_id, inference in (("whole", {}), ("tiled", {"tile": 24}), ("both", {"tile": 24, "mirror": True}),
+                                ("bad", {"tile": 3})):
+        registry.import_folder(folder, entry_id, card={"postprocess": {"brain_mask": False}, "inference": inference})
     image = tmp_path / "head.nii.gz"
     head = np.zeros((40, 40, 40), np.float32)
     head[6:34, 6:34, 6:34] = np.random.default_rng(1).random((28, 28, 28), dtype=np.float32) * 100
     nib.save(nib.Nifti1Image(head, np.eye(4)), image)
     volume = load_volume(image)
     results = {entry_id: Segmenter(entry_id, registry=registry, device="cpu", precision="fp32").segment(
-        volume, probabilities=True) for entry_id in ("whole", "tiled")}
+        volume, probabilities=True) for entry_id in ("whole", "tiled", "both")}
     assert results["tiled"].probabilities.shape == results["whole"].probabilities.shape
     assert np.abs(results["tiled"].probabilities - results["whole"].probabilities).max() > 0.01
+    assert [(r.report()["tile"], r.report()["mirrored"]) for r in results.values()] == [(None, False), (24, False),
+                                                                                          (24, True)]
+    # the mirrored pass goes through the tiles too: its lesion probability is the larger of both tiled passes
+    more = results["both"].probabilities[1] - results["tiled"].probabilities[1]
+    assert more.min() >= -1e-6 and more.max() > 0.01
     with pytest.raises(ModelError, match="tile edge"):
         Segmenter("bad", registry=registry, device="cpu")
