@@ -13,7 +13,7 @@ DEMO_DIR ?= demo-output
 # venv of its own (tinygrad; its CPU backend compiles kernels with clang).
 BRAINCHOP_VENV ?= .venv-brainchop
 
-.PHONY: test test-quality demo env bench quality fuzz synthetic-models distill-students distill-crop96 ship-students clean
+.PHONY: test test-quality demo env bench quality fuzz synthetic-models distill-students distill-meshnet16-crop64 ship-students clean
 
 env: $(VENV)/.installed
 
@@ -65,38 +65,38 @@ synthetic-models: env
 # teacher sees the clean scan, the student a degraded one (turned, skull-stripped, thick slices,
 # intensities), a third of the crops with a training-split SOOP lesion painted in as ground truth.
 # Resumable: each run writes its state to training/distill/*.state every 25 steps; run it again (any
-# machine) to continue.
+# machine) to continue. To check a run halfway, its command with `--session-steps 0 --unfinished
+# -o DIR/ID.safetensors` writes the student so far (training nothing); `meshnet-lesion models import DIR`.
 DISTILL = $(BIN)/meshnet-lesion train "$$($(BIN)/meshnet-lesion models fetch sample-arc-m2265-t2w)" \
 	--teacher arc-meshnet26 --steps 2000 --save-every 25 --teacher-cache training/.work/teacher \
 	--lesions $(MESHNET_LESION_MIRROR)/lesions/soop
-# Then MeshNet-5 is fine-tuned (400 steps, lr 5e-4) with 8 label-head renderings (t1_crop drawn as T2; half
-# lesion-free) making half the crops, their own truth the target: the teacher calls false lesion there.
-# (The same for MeshNet-16 made its mirrored-hemisphere false lesion worse: README, Distilled students.)
+# MeshNet-16 on 96³ crops, run on 96³ tiles as shipped (README, Distilled students: on the whole grid its
+# 93-voxel receptive field sees more context than any crop, and the 64³ run, shipped before, called false
+# lesion there). Then MeshNet-5 (64³ crops) is fine-tuned (400 steps, lr 5e-4) with 8 label-head renderings
+# (t1_crop drawn as T2; half lesion-free) making half the crops, their own truth the target: the teacher
+# calls false lesion there. (The same for the 64³ MeshNet-16 made its mirrored-hemisphere false lesion worse.)
 RENDERED = --steps 400 --lr 5e-4 --label-head $(MESHNET_LESION_MIRROR)/mri/t1_crop.nii.gz --renderings 8
 distill-students: env
-	$(DISTILL) --channels 16 --lr 1e-3 --crop 64 -o training/distill/meshnet16-arc26.safetensors --state training/distill/meshnet16-arc26.state
+	$(DISTILL) --channels 16 --lr 1e-3 --crop 96 -o training/distill/meshnet16-arc26-crop96.safetensors \
+	    --state training/distill/meshnet16-arc26-crop96.state
 	$(DISTILL) --channels 5 --lr 2e-3 --crop 64 -o training/distill/meshnet5-arc26.safetensors --state training/distill/meshnet5-arc26.state
 	$(DISTILL) --channels 5 --crop 64 $(RENDERED) --init training/distill/meshnet5-arc26.safetensors \
 	    -o training/distill/meshnet5-arc26-rendered.safetensors --state training/distill/meshnet5-arc26-rendered.state
 
-# Finished, not shipped: MeshNet-16 distilled on 96³ crops, so that its training context comes closer to the
-# whole grid its 93-voxel receptive field sees at inference (README, Distilled students: on 64³ tiles the
-# distilled MeshNet-16 loses its mirrored-hemisphere false lesion). On the whole grid it did not help; on 96³
-# tiles, its own crop, it passes (README). To check any run halfway, its command with
-# `--session-steps 0 --unfinished -o DIR/ID.safetensors` writes the student so far (training nothing);
-# `meshnet-lesion models import DIR` then gives benchmarks/crop_context.py --students ID.
-distill-crop96: env
-	$(DISTILL) --channels 16 --lr 1e-3 --crop 96 -o training/distill/meshnet16-arc26-crop96.safetensors \
-	    --state training/distill/meshnet16-arc26-crop96.state
+# The first MeshNet-16 (64³ crops; shipped until 2026-12-03), kept for the README's comparison.
+distill-meshnet16-crop64: env
+	$(DISTILL) --channels 16 --lr 1e-3 --crop 64 -o training/distill/meshnet16-arc26.safetensors --state training/distill/meshnet16-arc26.state
 
 # The finished students into meshnet_lesion/weights/ and models.json; then the suite's robustness part
 # with their teacher in the same run, and their cards again with its figures. Review before committing.
+# MeshNet-16 ships from the 96³ run (ID=RUN), on tiles of its crop.
 STUDENTS = meshnet16-arc26,meshnet5-arc26
+SHIP = training/ship_students.py --students meshnet16-arc26=meshnet16-arc26-crop96,meshnet5-arc26 --tiled meshnet16-arc26
 ship-students: env
-	$(BIN)/python training/ship_students.py --students $(STUDENTS)
+	$(BIN)/python $(SHIP)
 	$(BIN)/python benchmarks/quality.py --models arc-meshnet26,$(STUDENTS) --part robustness \
 	    --report benchmarks/results/quality-students.json
-	$(BIN)/python training/ship_students.py --students $(STUDENTS) --quality benchmarks/results/quality-students.json
+	$(BIN)/python $(SHIP) --quality benchmarks/results/quality-students.json
 
 $(VENV)/.bench: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[test,preview,bench]"

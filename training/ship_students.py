@@ -11,7 +11,7 @@ training crop (its card's ``"inference": {"tile": crop}``): the context it learn
 runs (teacher, steps, seconds, the machine that ran them, from the files' own metadata: each session's
 machine) and, with ``--quality``, the figures that ``benchmarks/quality.py`` measured for it and for its
 teacher in the same run. Rerunning replaces the entries (keeping measured figures it does not produce,
-e.g. ``--part right-hemisphere``'s); other entries are left as they are.
+e.g. ``--part right-hemisphere``'s, while the weights are the same); other entries are left as they are.
 """
 from __future__ import annotations
 
@@ -161,8 +161,9 @@ def main() -> None:
         card = entry(student_id, registry, quality, args.quality, run_name or None, student_id in tiled)
         previous = next((m for m in registry["models"] if m["id"] == student_id), {})
         made = card.get("measured", [])
-        kept = [item for item in previous.get("measured", [])                  # other benchmarks' figures
-                if item["source"] not in {i["source"] for i in made} and item["name"] not in {i["name"] for i in made}]
+        same_weights = [f["sha256"] for f in previous.get("files", [])] == [f["sha256"] for f in card["files"]]
+        kept = [item for item in previous.get("measured", []) if same_weights     # other benchmarks' figures
+                and item["source"] not in {i["source"] for i in made} and item["name"] not in {i["name"] for i in made}]
         if made or kept:
             card["measured"] = made + kept
         models = [m for m in registry["models"] if m["id"] != student_id]
