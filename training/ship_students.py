@@ -65,7 +65,7 @@ def entry(student_id: str, registry: dict, quality: dict | None, report: Path | 
         "id": student_id,
         "title": f"MeshNet-{channels}, distilled from {teacher['title']}",
         "task": "lesion",
-        "version": f"distilled from {run['teacher']}, {steps}",
+        "version": f"distilled from {run['teacher']}, {steps}, {first['crop']}^3 crops",
         "input": teacher["input"],
         "description": (f"The paper's MeshNet-{channels} distilled from {run['teacher']} on augmented M2265 and "
                         "synthetic lesions; not trained on ARC masks. The student learnt the teacher's lesion "
