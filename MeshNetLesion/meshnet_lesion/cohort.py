@@ -223,7 +223,8 @@ class Cohort:
         self.overwrite = overwrite
         self.model = {"id": segmenter.entry.id, "version": str(segmenter.entry.card.get("version", "")),
                       "files_sha256": {f.name: f.sha256 for member in segmenter.registry.members(segmenter.entry)
-                                       for f in member.files}}
+                                       for f in member.files},
+                      "inference": {"mirror": segmenter.mirror, "tile": segmenter.tile}}   # the card's, or options'
 
     def signature(self, input_sha256: str) -> str:
         """What decides a scan's result: its input, the model's files and the options (not the machine)."""

@@ -106,16 +106,16 @@ class Segmenter:
             brain_entry = self.registry.get(BRAIN_MODEL_ID)
             self.brain_engine = self._engine(brain_entry.id, self.registry.load(brain_entry, download_progress),
                                              device, precision)
-        self.mirror = bool(self.entry.card.get("inference", {}).get("mirror", False) if mirror is None else mirror)
+        inference = self.entry.card.get("inference", {})       # how the card says its model runs
+        self.mirror = bool(inference.get("mirror", False) if mirror is None else mirror)
         if self.mirror and self.task != "lesion":
             raise ModelError(f"{self.entry.id} is not a lesion model: only a lesion model's pass can be mirrored")
-        tile = self.entry.card.get("inference", {}).get("tile")
+        tile = inference.get("tile")
         if tile is not None and (not isinstance(tile, int) or tile < 16):
             raise ModelError(f"{self.entry.id}: its card's tile edge must be a whole number of voxels ≥ 16, not {tile!r}")
         self.tile: int | None = tile            # run the networks on tiles of this edge (tiles.py)
         self.min_lesion_ml = float(min_lesion_ml)
-        self.crop_margin = (self.entry.card.get("inference", {}).get("crop_margin", CROP_MARGIN)
-                            if crop_margin == "auto" else crop_margin)
+        self.crop_margin = inference.get("crop_margin", CROP_MARGIN) if crop_margin == "auto" else crop_margin
         self.load_seconds = time.perf_counter() - started
 
     def _engine(self, name: str, model: LoadedModel, device: str, precision: str) -> Engine:

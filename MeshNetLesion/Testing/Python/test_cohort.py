@@ -126,6 +126,18 @@ def test_a_changed_option_or_input_is_segmented_again(bids, derivatives, tmp_pat
     assert json.loads(sidecar.read_text())["meshnet-lesion"]["options"]["min_lesion_ml"] == 0.5
 
 
+def test_a_changed_way_of_running_the_model_changes_the_signature(registry, tmp_path):
+    """The card's tiles or mirrored pass decide a result as its weights do: a card that changes them re-runs."""
+    from meshnet_lesion import Segmenter
+
+    segmenter = Segmenter("t2lesion-meshnet11", registry=registry, device="cpu", mirror=False)
+    first = cohort.Cohort(segmenter, tmp_path, {}).signature("0" * 64)
+    segmenter.tile = 64
+    assert cohort.Cohort(segmenter, tmp_path, {}).signature("0" * 64) != first
+    segmenter.tile, segmenter.mirror = None, True
+    assert cohort.Cohort(segmenter, tmp_path, {}).signature("0" * 64) != first
+
+
 def test_a_killed_run_resumes_where_it_stopped(bids, registry, tmp_path, monkeypatch):
     from meshnet_lesion import Segmenter, preview
 
