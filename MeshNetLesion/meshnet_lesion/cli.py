@@ -169,6 +169,10 @@ def _parser() -> argparse.ArgumentParser:
                           "the state file)")
     teaching.add_argument("--lesions", type=Path, help="a folder of lesion masks in MNI space (e.g. SOOP's) painted "
                           "into a third of the crops as ground truth; its training split only (synth.split_lesions)")
+    teaching.add_argument("--gamma", type=float, default=0.3, help="the student's intensities (normalised to [0, 1]) "
+                          "are raised to a power between exp(-GAMMA) and exp(GAMMA); the teacher sees them unchanged")
+    teaching.add_argument("--bias-field", type=float, default=0.15, help="and multiplied by a smooth random field "
+                          "between 1 - BIAS_FIELD and 1 + BIAS_FIELD")
     teaching.add_argument("--init", type=Path, help="fine-tune this distilled student (.safetensors) instead of "
                           "starting a new one")
     teaching.add_argument("--label-head", type=Path, help="a T1 whose tissue labels are rendered as T2-like heads "
@@ -745,9 +749,11 @@ def _distill(args: argparse.Namespace, config) -> int:
     renderings = _renderings(args, teacher, load_volume(images[0]), lesions, cache) if args.label_head else []
     settings = distill.DistillConfig(train=config, steps=args.steps, temperature=args.temperature,
                                      weight=args.distill_weight, save_every=args.save_every,
-                                     initial=sha256_of(args.init) if args.init else "")
+                                     initial=sha256_of(args.init) if args.init else "", gamma=args.gamma,
+                                     bias=args.bias_field)
     model, record = distill.distill(
-        lambda step: distill.crop_sample(views, step, args.seed, size, lesions, renderings), settings, state,
+        lambda step: distill.crop_sample(views, step, args.seed, size, lesions, renderings, args.gamma,
+                                         args.bias_field), settings, state,
         [view.x[view.box] for view in views], progress=partial(print, flush=True), stop_after=args.session_steps,
         conventions=teacher.spec, initial=initial)
     steps = len(record.losses)
@@ -758,7 +764,8 @@ def _distill(args: argparse.Namespace, config) -> int:
     model.save(args.output, {"meshnet_distillation": json.dumps({
         "teacher": args.teacher, "channels": config.channels, "steps": steps, "crop": size, "temperature": args.temperature,
         **({"unfinished": f"step {steps} of {args.steps}"} if steps < args.steps else {}),
-        "weight": args.distill_weight, "images": [str(p) for p in images], "painted_lesions": len(lesions),
+        "weight": args.distill_weight, "gamma": args.gamma, "bias_field": args.bias_field,
+        "images": [str(p) for p in images], "painted_lesions": len(lesions),
         "renderings": len(renderings), "initial": _initial_run(args.init),
         "seconds": round(record.seconds, 1), "sessions": record.sessions,
         "losses_every_10": record.losses[::10]})})

@@ -66,6 +66,12 @@ class DistillConfig:
     weight: float = 0.7            # the teacher term's share where a ground truth exists (1 where none does)
     save_every: int = 50
     initial: str = ""              # SHA-256 of the weights a fine-tuning run starts from ("": a new student)
+    gamma: float = 0.3             # the student's intensities are raised to exp(±gamma) (intensity_augmented)
+    bias: float = 0.15             # and multiplied by a smooth field of 1 ± bias
+
+
+# Settings added after runs were saved with the value they ran with: a state without one ran with this.
+ADDED_SETTINGS = {"gamma": 0.3, "bias": 0.15}
 
 
 def student(channels: int, conventions: ModelSpec | None = None) -> MeshNet:
@@ -256,7 +262,7 @@ def load_state(path: Path, model: MeshNet, optimizer: torch.optim.Optimizer, sch
     with safe_open(str(path), framework="pt") as handle:
         metadata = json.loads(handle.metadata()[STATE_METADATA_KEY])
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    if metadata["config"] != _config_json(config):
+    if {**ADDED_SETTINGS, **metadata["config"]} != _config_json(config):
         raise ValueError(f"{path} is the state of another run (its configuration differs); use a new state file")
     model.load_state_dict({name[len("model."):]: value for name, value in tensors.items()
                            if name.startswith("model.")})
@@ -280,13 +286,15 @@ def flips(step_seed: int) -> tuple[int, ...]:
     return tuple(axis for axis in range(3) if rng.random() < 0.5)
 
 
-def intensity_augmented(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The student's view of a normalised [0, 1] volume: gamma, scale, a smooth bias field and noise, on the
-    head (background stays 0). The teacher keeps the clean volume."""
+def intensity_augmented(image: np.ndarray, rng: np.random.Generator, gamma: float = 0.3,
+                        bias: float = 0.15) -> np.ndarray:
+    """The student's view of a normalised [0, 1] volume: a gamma between exp(−``gamma``) and exp(``gamma``),
+    scale, a smooth bias field (1 ± ``bias``) and noise, on the head (background stays 0). The teacher keeps
+    the clean volume."""
     head = image > 0
     out = image.astype(np.float32, copy=True)
-    out[head] = out[head] ** math.exp(rng.uniform(-0.3, 0.3))
-    coarse = rng.uniform(-0.15, 0.15, (4, 4, 4)).astype(np.float32)
+    out[head] = out[head] ** math.exp(rng.uniform(-gamma, gamma))
+    coarse = rng.uniform(-bias, bias, (4, 4, 4)).astype(np.float32)
     field = ndimage.zoom(coarse, [n / 4 for n in image.shape], order=3)[tuple(slice(0, n) for n in image.shape)]
     out *= rng.uniform(0.9, 1.1) * (1 + field)
     out[head] += rng.normal(0, 0.02, int(head.sum())).astype(np.float32)
@@ -422,11 +430,13 @@ RENDERED = 0.5             # of a run given renderings: a crop of one of them (h
 
 
 def crop_sample(views: list[TeacherView], step: int, seed: int, size: int,
-                lesions: Sequence[Path] = (), renderings: Sequence[TeacherView] = ()) -> Sample:
+                lesions: Sequence[Path] = (), renderings: Sequence[TeacherView] = (), gamma: float = 0.3,
+                bias: float = 0.15) -> Sample:
     """Step ``step``'s sample: a volume, maybe with a lesion from ``lesions`` painted in, a ``size``³ crop
     (maybe turned), flips; the student's input degraded as scans are (skull-stripped, thick slices,
-    intensities), the teacher's target from the clean volume. With ``renderings`` (:func:`rendered_view`),
-    a share of the samples are crops of those, their truth the target. The shares are the constants above."""
+    intensities, ``gamma`` and ``bias`` as in :func:`intensity_augmented`), the teacher's target from the clean volume. With
+    ``renderings`` (:func:`rendered_view`), a share of the samples are crops of those, their truth the target.
+    The shares are the constants above."""
     rng = np.random.default_rng([seed, step])
     view = views[int(rng.integers(len(views)))]
     if renderings and rng.random() < RENDERED:
@@ -454,7 +464,7 @@ def crop_sample(views: list[TeacherView], step: int, seed: int, size: int,
             arrays[0] = ndimage.gaussian_filter1d(arrays[0], rng.uniform(0.6, 1.5), axis=int(rng.integers(3)))
         else:
             arrays[0] = ndimage.gaussian_filter(arrays[0], rng.uniform(0.4, 0.8))
-    arrays[0] = intensity_augmented(arrays[0], rng)
+    arrays[0] = intensity_augmented(arrays[0], rng, gamma, bias)
     axes = flips(int(rng.integers(2 ** 31)))
     arrays = [np.flip(a, axes).copy() for a in arrays]
     return arrays[0], arrays[1], None if target is None else arrays[2]

@@ -142,6 +142,28 @@ def test_a_run_continued_from_its_state_makes_the_same_weights(tmp_path):
         distill(_tiny_samples, replace(config, temperature=4.0), tmp_path / "parts.state", _TINY_WHOLE)
 
 
+def test_a_state_saved_before_a_setting_existed_continues_with_its_old_value(tmp_path):
+    """A run saved before ``gamma`` was a setting ran with 0.3: its state continues under that value only."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from meshnet_lesion.distill import ADDED_SETTINGS, STATE_METADATA_KEY
+
+    config = DistillConfig(train=TrainConfig(channels=3, lr=1e-2, mixed_precision=False), steps=4, save_every=2)
+    path = tmp_path / "old.state"
+    distill(_tiny_samples, config, path, _TINY_WHOLE, stop_after=2)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = json.loads(handle.metadata()[STATE_METADATA_KEY])
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    for name in ADDED_SETTINGS:
+        del metadata["config"][name]
+    save_file(tensors, str(path), {STATE_METADATA_KEY: json.dumps(metadata)})
+    with pytest.raises(ValueError, match="another run"):
+        distill(_tiny_samples, replace(config, gamma=0.5), path, _TINY_WHOLE)
+    _, record = distill(_tiny_samples, config, path, _TINY_WHOLE)
+    assert len(record.losses) == 4
+
+
 def test_a_fine_tuning_run_starts_from_its_student_and_keeps_its_batchnorm_statistics(tmp_path):
     """``initial``: the run's first step starts from the given student's weights and statistics (never
     measured again: its layers were trained around them); the configuration names the weights."""
