@@ -224,7 +224,7 @@ class Cohort:
         self.model = {"id": segmenter.entry.id, "version": str(segmenter.entry.card.get("version", "")),
                       "files_sha256": {f.name: f.sha256 for member in segmenter.registry.members(segmenter.entry)
                                        for f in member.files},
-                      "inference": {"mirror": segmenter.mirror, "tile": segmenter.tile}}   # the card's, or options'
+                      "inference": {"mirror": segmenter.mirror, "tile": segmenter.tile}}   # as it runs: card or options
 
     def signature(self, input_sha256: str) -> str:
         """What decides a scan's result: its input, the model's files and the options (not the machine)."""

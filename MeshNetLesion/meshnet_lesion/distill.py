@@ -54,6 +54,7 @@ from .volume import Volume
 
 LOGIT_CLIP = 12.0
 STATE_METADATA_KEY = "meshnet_distill_state"
+GAMMA, BIAS_FIELD = 0.3, 0.15    # the student's intensity augmentation by default (intensity_augmented)
 
 
 @dataclass
@@ -66,12 +67,12 @@ class DistillConfig:
     weight: float = 0.7            # the teacher term's share where a ground truth exists (1 where none does)
     save_every: int = 50
     initial: str = ""              # SHA-256 of the weights a fine-tuning run starts from ("": a new student)
-    gamma: float = 0.3             # the student's intensities are raised to exp(±gamma) (intensity_augmented)
-    bias: float = 0.15             # and multiplied by a smooth field of 1 ± bias
+    gamma: float = GAMMA           # the student's intensities are raised to exp(±gamma) (intensity_augmented)
+    bias: float = BIAS_FIELD       # and multiplied by a smooth field of 1 ± bias
 
 
 # Settings added after runs were saved with the value they ran with: a state without one ran with this.
-ADDED_SETTINGS = {"gamma": 0.3, "bias": 0.15}
+ADDED_SETTINGS = {"gamma": GAMMA, "bias": BIAS_FIELD}
 
 
 def student(channels: int, conventions: ModelSpec | None = None) -> MeshNet:
@@ -286,8 +287,8 @@ def flips(step_seed: int) -> tuple[int, ...]:
     return tuple(axis for axis in range(3) if rng.random() < 0.5)
 
 
-def intensity_augmented(image: np.ndarray, rng: np.random.Generator, gamma: float = 0.3,
-                        bias: float = 0.15) -> np.ndarray:
+def intensity_augmented(image: np.ndarray, rng: np.random.Generator, gamma: float = GAMMA,
+                        bias: float = BIAS_FIELD) -> np.ndarray:
     """The student's view of a normalised [0, 1] volume: a gamma between exp(−``gamma``) and exp(``gamma``),
     scale, a smooth bias field (1 ± ``bias``) and noise, on the head (background stays 0). The teacher keeps
     the clean volume."""
@@ -430,13 +431,13 @@ RENDERED = 0.5             # of a run given renderings: a crop of one of them (h
 
 
 def crop_sample(views: list[TeacherView], step: int, seed: int, size: int,
-                lesions: Sequence[Path] = (), renderings: Sequence[TeacherView] = (), gamma: float = 0.3,
-                bias: float = 0.15) -> Sample:
+                lesions: Sequence[Path] = (), renderings: Sequence[TeacherView] = (), gamma: float = GAMMA,
+                bias: float = BIAS_FIELD) -> Sample:
     """Step ``step``'s sample: a volume, maybe with a lesion from ``lesions`` painted in, a ``size``³ crop
     (maybe turned), flips; the student's input degraded as scans are (skull-stripped, thick slices,
-    intensities, ``gamma`` and ``bias`` as in :func:`intensity_augmented`), the teacher's target from the clean volume. With
-    ``renderings`` (:func:`rendered_view`), a share of the samples are crops of those, their truth the target.
-    The shares are the constants above."""
+    intensities, ``gamma`` and ``bias`` as in :func:`intensity_augmented`), the teacher's target from the
+    clean volume. With ``renderings`` (:func:`rendered_view`), a share of the samples are crops of those,
+    their truth the target. The shares are the constants above."""
     rng = np.random.default_rng([seed, step])
     view = views[int(rng.integers(len(views)))]
     if renderings and rng.random() < RENDERED:
