@@ -13,7 +13,7 @@ DEMO_DIR ?= demo-output
 # venv of its own (tinygrad; its CPU backend compiles kernels with clang).
 BRAINCHOP_VENV ?= .venv-brainchop
 
-.PHONY: test test-quality demo env bench quality fuzz synthetic-models distill-students distill-meshnet16-crop64 ship-students clean
+.PHONY: test test-quality demo env bench quality fuzz synthetic-models distill-students distill-meshnet16-crop64 distill-meshnet16-crop128 ship-students clean
 
 env: $(VENV)/.installed
 
@@ -87,6 +87,12 @@ distill-students: env
 # The first MeshNet-16 (64³ crops; shipped until 2026-12-03), kept for the README's comparison.
 distill-meshnet16-crop64: env
 	$(DISTILL) --channels 16 --lr 1e-3 --crop 64 -o training/distill/meshnet16-arc26.safetensors --state training/distill/meshnet16-arc26.state
+
+# MeshNet-16 on 128³ crops (to run on 128³ tiles: fewer tile borders, which cost the 96³ student its gamma
+# figures), started 2026-12-04, unfinished: the same command continues it from its state.
+distill-meshnet16-crop128: env
+	$(DISTILL) --channels 16 --lr 1e-3 --crop 128 -o training/distill/meshnet16-arc26-crop128.safetensors \
+	    --state training/distill/meshnet16-arc26-crop128.state
 
 # The finished students into meshnet_lesion/weights/ and models.json; then the suite's robustness part
 # with their teacher in the same run, and their cards again with its figures. Review before committing.
