@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "MeshNetLesion"))
 
 from safetensors import safe_open  # noqa: E402
 
+from meshnet_lesion.distill import BIAS_FIELD, GAMMA  # noqa: E402
 from meshnet_lesion.machine import describe  # noqa: E402
 from meshnet_lesion.registry import BUILTIN_REGISTRY, sha256_of  # noqa: E402
 
@@ -46,6 +47,8 @@ def entry(student_id: str, registry: dict, quality: dict | None, report: Path | 
     for stage in (first, run):
         if "unfinished" in stage:
             raise SystemExit(f"{source.name} comes from an unfinished run ({stage['unfinished']}); finish it first")
+    if (first.get("initial") or {}).get("run"):
+        raise SystemExit(f"{source.name} was fine-tuned more than once; its card would describe one stage only")
     tuned = run if first is not run else None
     teacher = next(m for m in registry["models"] if m["id"] == run["teacher"])
     member = next(m for m in registry["models"] if m["id"] == teacher.get("members", [teacher["id"]])[0])
@@ -55,12 +58,16 @@ def entry(student_id: str, registry: dict, quality: dict | None, report: Path | 
     shutil.copyfile(source, shipped)
     hours = sum(r["seconds"] for r in (first, tuned) if r) / 3600
     ran_on = sessions(first) + ("" if tuned is None else f"; then, fine-tuned: {sessions(tuned)}")
-    steps = f"{first['steps']} steps" + ("" if tuned is None else f" + {tuned['steps']} with renderings")
-    tuning = "" if tuned is None else (
-        f" Then fine-tuned for {tuned['steps']} steps with {tuned['renderings']} renderings of a label head (the "
-        "tissue labels of the T1 t1_crop drawn as T2, half lesion-free, half with training-split SOOP lesions; "
-        "random contrasts and M2265's) making half the crops, each rendering's own truth the target there: the "
-        "teacher calls false lesions on such renderings, and the student is not to learn them.")
+    steps = f"{first['steps']} steps" + ("" if tuned is None else f" + {tuned['steps']} " + (
+        "with renderings" if tuned.get("renderings") else "of fine-tuning"))
+    tuning = "" if tuned is None else f" Then fine-tuned for {tuned['steps']} steps" + (
+        f" with {tuned['renderings']} renderings of a label head (the tissue labels of the T1 t1_crop drawn as "
+        "T2, half lesion-free, half with training-split SOOP lesions; random contrasts and M2265's) making half "
+        "the crops, each rendering's own truth the target there: the teacher calls false lesions on such "
+        "renderings, and the student is not to learn them" if tuned.get("renderings") else "") + (
+        "".join(f", {name} {tuned[key]} (before {default})" for key, name, default in (
+            ("gamma", "gamma range exp(±G), G =", GAMMA), ("bias_field", "bias field 1 ± B, B =", BIAS_FIELD))
+            if tuned.get(key, default) != first.get(key, default))) + "."
     card = {
         "id": student_id,
         "title": f"MeshNet-{channels}, distilled from {teacher['title']}",
@@ -97,7 +104,8 @@ def entry(student_id: str, registry: dict, quality: dict | None, report: Path | 
         "distillation": {key: first[key] for key in ("teacher", "steps", "crop", "temperature", "weight",
                                                      "painted_lesions", "seconds")} | {"machine": ran_on}
         | ({} if tuned is None else {"fine_tuning": {key: tuned[key] for key in (
-            "steps", "renderings", "seconds")} | {"from": run["initial"]["sha256"]}}),
+            "steps", "renderings", "seconds")} | {key: tuned[key] for key in ("gamma", "bias_field") if key in tuned}
+            | {"from": run["initial"]["sha256"]}}),
     }
     if quality is not None:
         card["measured"] = measured(student_id, run["teacher"], quality, report)
