@@ -67,7 +67,8 @@ synthetic-models: env
 # intensities), a third of the crops with a training-split SOOP lesion painted in as ground truth.
 # Resumable: each run writes its state to training/distill/*.state every 25 steps; run it again (any
 # machine) to continue. To check a run halfway, its command with `--session-steps 0 --unfinished
-# -o DIR/ID.safetensors` writes the student so far (training nothing); `meshnet-lesion models import DIR`.
+# -o DIR/ID.safetensors` writes the student so far (training nothing); `meshnet-lesion models import DIR`
+# (with `--tile CROP` for a student that is to run on tiles of its crops).
 DISTILL = $(BIN)/meshnet-lesion train "$$($(BIN)/meshnet-lesion models fetch sample-arc-m2265-t2w)" \
 	--teacher arc-meshnet26 --steps 2000 --save-every 25 --teacher-cache training/.work/teacher \
 	--lesions $(MESHNET_LESION_MIRROR)/lesions/soop

@@ -121,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     importer.add_argument("--id", dest="entry_id")
     importer.add_argument("--title")
     importer.add_argument("--task", default="lesion")
+    importer.add_argument("--tile", type=int, metavar="EDGE",
+                          help="run it on EDGE³ tiles overlapping by half (≥ 16), e.g. a student distilled on "
+                               "crops of that edge, which calls false lesion on context it never saw")
     importer.set_defaults(handler=_models_import)
     remove = actions.add_parser("remove", help="remove an imported model or a model's downloaded files")
     remove.add_argument("id")
@@ -657,7 +660,10 @@ def _models_fetch(args: argparse.Namespace) -> int:
 
 
 def _models_import(args: argparse.Namespace) -> int:
-    entry = _registry().import_folder(args.folder, args.entry_id, args.title, args.task)
+    if args.tile is not None and args.tile < 16:
+        raise InputError(f"--tile must be at least 16 voxels, not {args.tile}")
+    card = {"inference": {"tile": args.tile}} if args.tile else None
+    entry = _registry().import_folder(args.folder, args.entry_id, args.title, args.task, card)
     print(f"imported {entry.id}: {entry.card.get('description', '')}")
     return 0
 

@@ -146,6 +146,12 @@ def test_models_commands(registry, tmp_path):
         shutil.copy(path, folder / name)
     assert run("models", "import", folder, "--title", "A copy").returncode == 0
     assert "lesion-copy" in run("models", "list").stdout
+    assert "inference" not in json.loads(run("models", "show", "lesion-copy", "--json").stdout)
+    done = run("models", "import", folder, "--id", "tiled-copy", "--tile", "8")
+    assert done.returncode == 2 and "--tile must be at least 16 voxels" in done.stderr
+    assert run("models", "import", folder, "--id", "tiled-copy", "--tile", "96").returncode == 0
+    assert json.loads(run("models", "show", "tiled-copy", "--json").stdout)["inference"] == {"tile": 96}
+    assert run("models", "remove", "tiled-copy").returncode == 0
     assert run("models", "remove", "lesion-copy").returncode == 0
     assert "lesion-copy" not in run("models", "list").stdout
 
