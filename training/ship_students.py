@@ -60,14 +60,7 @@ def entry(student_id: str, registry: dict, quality: dict | None, report: Path | 
     ran_on = sessions(first) + ("" if tuned is None else f"; then, fine-tuned: {sessions(tuned)}")
     steps = f"{first['steps']} steps" + ("" if tuned is None else f" + {tuned['steps']} " + (
         "with renderings" if tuned.get("renderings") else "of fine-tuning"))
-    tuning = "" if tuned is None else f" Then fine-tuned for {tuned['steps']} steps" + (
-        f" with {tuned['renderings']} renderings of a label head (the tissue labels of the T1 t1_crop drawn as "
-        "T2, half lesion-free, half with training-split SOOP lesions; random contrasts and M2265's) making half "
-        "the crops, each rendering's own truth the target there: the teacher calls false lesions on such "
-        "renderings, and the student is not to learn them" if tuned.get("renderings") else "") + (
-        "".join(f", {name} {tuned[key]} (before {default})" for key, name, default in (
-            ("gamma", "gamma range exp(±G), G =", GAMMA), ("bias_field", "bias field 1 ± B, B =", BIAS_FIELD))
-            if tuned.get(key, default) != first.get(key, default))) + "."
+    tuning = "" if tuned is None else fine_tuning(tuned, first)
     card = {
         "id": student_id,
         "title": f"MeshNet-{channels}, distilled from {teacher['title']}",
@@ -110,6 +103,21 @@ def entry(student_id: str, registry: dict, quality: dict | None, report: Path | 
     if quality is not None:
         card["measured"] = measured(student_id, run["teacher"], quality, report)
     return card
+
+
+def fine_tuning(tuned: dict, first: dict) -> str:
+    """The card's sentence on a fine-tuning stage: what it trained on and which augmentation it changed."""
+    text = f" Then fine-tuned for {tuned['steps']} steps"
+    if tuned.get("renderings"):
+        text += (f" with {tuned['renderings']} renderings of a label head (the tissue labels of the T1 t1_crop drawn "
+                 "as T2, half lesion-free, half with training-split SOOP lesions; random contrasts and M2265's) making "
+                 "half the crops, each rendering's own truth the target there: the teacher calls false lesions on "
+                 "such renderings, and the student is not to learn them")
+    for key, name, default in (("gamma", "gamma range exp(±G), G =", GAMMA),
+                               ("bias_field", "bias field 1 ± B, B =", BIAS_FIELD)):
+        if tuned.get(key, default) != first.get(key, default):
+            text += f", {name} {tuned[key]} (before {first.get(key, default)})"
+    return text + "."
 
 
 def sessions(run: dict) -> str:
