@@ -183,6 +183,8 @@ def _parser() -> argparse.ArgumentParser:
                           "it, their own truth the target")
     teaching.add_argument("--renderings", type=int, default=8, help="with --label-head: how many (half lesion-free, "
                           "half with --lesions; half of each with the first image's contrast)")
+    teaching.add_argument("--workers", type=int, default=0, help="prepare the samples in this many forked processes "
+                          "ahead of the step (the same samples): for a GPU, whose step outruns one core's augmentation")
     trainer.set_defaults(handler=_train)
 
     tuner = commands.add_parser("tune", help="hyperparameter search (Optuna TPE + asynchronous successive halving)")
@@ -725,6 +727,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _distill(args: argparse.Namespace, config) -> int:
     """``train --teacher``: a student learns the teacher's soft targets on crops of the given volumes."""
+    import multiprocessing
+
     from . import distill
     from .dataset import read_pairs
     from .model import MeshNet
@@ -732,6 +736,8 @@ def _distill(args: argparse.Namespace, config) -> int:
     from .registry import sha256_of
     from .volume import load_volume
 
+    if args.workers < 0 or (args.workers and "fork" not in multiprocessing.get_all_start_methods()):
+        raise InputError("--workers needs a number ≥ 0, and forked processes (Linux, macOS)")
     images = [args.pairs] if args.pairs.name.endswith(_SUFFIXES) else [image for image, _ in read_pairs(args.pairs)]
     state = args.state or args.output.with_suffix(".state")
     cache = args.teacher_cache or state.parent / f"{state.stem}.teacher"
@@ -761,7 +767,7 @@ def _distill(args: argparse.Namespace, config) -> int:
         lambda step: distill.crop_sample(views, step, args.seed, size, lesions, renderings, args.gamma,
                                          args.bias_field), settings, state,
         [view.x[view.box] for view in views], progress=partial(print, flush=True), stop_after=args.session_steps,
-        conventions=teacher.spec, initial=initial)
+        conventions=teacher.spec, initial=initial, workers=args.workers)
     steps = len(record.losses)
     if steps < args.steps:
         print(f"stopped at step {steps} of {args.steps}; the same command continues from {state}")

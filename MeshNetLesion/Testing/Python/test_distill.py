@@ -130,7 +130,7 @@ def test_batchnorm_runs_with_the_statistics_of_whole_volumes(tmp_path):
 
 
 def test_a_run_continued_from_its_state_makes_the_same_weights(tmp_path):
-    config = DistillConfig(train=TrainConfig(channels=3, lr=1e-2), steps=6, save_every=2)
+    config = DistillConfig(train=TrainConfig(channels=3, lr=1e-2, device="cpu"), steps=6, save_every=2)
     whole, _ = distill(_tiny_samples, config, tmp_path / "whole.state", _TINY_WHOLE)
     first, record = distill(_tiny_samples, config, tmp_path / "parts.state", _TINY_WHOLE, stop_after=3)
     assert len(record.losses) == 3 and (tmp_path / "parts.state").is_file()
@@ -140,6 +140,16 @@ def test_a_run_continued_from_its_state_makes_the_same_weights(tmp_path):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="another run"):
         distill(_tiny_samples, replace(config, temperature=4.0), tmp_path / "parts.state", _TINY_WHOLE)
+
+
+def test_samples_prepared_by_workers_make_the_same_weights(tmp_path):
+    """``workers`` forked processes prepare the same samples, in the same order, as the step makes alone."""
+    config = DistillConfig(train=TrainConfig(channels=3, lr=1e-2, device="cpu"), steps=5, save_every=5)
+    alone, _ = distill(_tiny_samples, config, tmp_path / "alone.state", _TINY_WHOLE)
+    helped, record = distill(_tiny_samples, config, tmp_path / "helped.state", _TINY_WHOLE, workers=2)
+    assert len(record.losses) == 5
+    for (name, a), b in zip(alone.state_dict().items(), helped.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_a_state_saved_before_a_setting_existed_continues_with_its_old_value(tmp_path):
