@@ -125,9 +125,13 @@ def sessions(run: dict) -> str:
     recorded = [s for s in run.get("sessions", []) if s["steps"]]
     unrecorded = recorded[0]["first_step"] if recorded else run["steps"]
     parts = [f"steps 1-{unrecorded} on a machine not recorded"] if unrecorded else []
-    parts += [f"steps {s['first_step'] + 1}-{s['first_step'] + s['steps']} in {s['seconds'] / 3600:.1f} h "
+    parts += [f"steps {s['first_step'] + 1}-{s['first_step'] + s['steps']} in {_duration(s['seconds'])} "
               f"on {s['machine']}" for s in recorded]
     return "; ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 360 else f"{seconds / 60:.1f} min"   # a GPU session: minutes
 
 
 def measured(student_id: str, teacher_id: str, quality: dict, report: Path) -> list[dict]:
