@@ -299,7 +299,8 @@ def test_a_rendering_is_the_teachers_input_with_its_own_truth_and_is_cached(shar
 
 def test_train_with_a_teacher_stops_resumes_and_writes_an_importable_student(tiny_teacher, tmp_path, capsys):
     """The command line: ``train IMAGE --teacher ID`` stops after --session-steps with its state saved, the
-    same command finishes the run, and the student it writes records its run and imports as a model."""
+    same command finishes the run (here with --workers), and the student it writes records its run and
+    imports as a model."""
 
     import nibabel as nib
     from safetensors import safe_open
@@ -314,6 +315,7 @@ def test_train_with_a_teacher_stops_resumes_and_writes_an_importable_student(tin
     output = tmp_path / "student.safetensors"
     command = ["train", str(image), "-o", str(output), "--teacher", "tiny-teacher", "--channels", "3",
                "--steps", "4", "--crop", "16", "--save-every", "1", "--session-steps", "2"]
+    assert cli.main([*command, "--workers", "-1"]) == 2 and "--workers needs" in capsys.readouterr().err
     assert cli.main(command) == 0
     assert "stopped at step 2 of 4" in capsys.readouterr().out and not output.exists()
     assert (tmp_path / "student.state").is_file() and list((tmp_path / "student.teacher").glob("*.npz"))
@@ -323,7 +325,7 @@ def test_train_with_a_teacher_stops_resumes_and_writes_an_importable_student(tin
         halfway = json.loads(handle.metadata()["meshnet_distillation"])
     assert halfway["unfinished"] == "step 2 of 4" and halfway["steps"] == 2 and len(halfway["sessions"]) == 1
     assert sha256_of(tmp_path / "student.state") == saved     # exporting trains nothing and leaves the state
-    assert cli.main(command) == 0
+    assert cli.main([*command, "--workers", "2"]) == 0          # the rest with its samples made by two workers
     with safe_open(str(output), framework="numpy") as handle:
         run = json.loads(handle.metadata()["meshnet_distillation"])
     assert run["teacher"] == "tiny-teacher" and run["channels"] == 3 and run["steps"] == 4 and "unfinished" not in run
