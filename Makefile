@@ -90,7 +90,8 @@ distill-meshnet16-crop64: env
 	$(DISTILL) --channels 16 --lr 1e-3 --crop 64 -o training/distill/meshnet16-arc26.safetensors --state training/distill/meshnet16-arc26.state
 
 # MeshNet-16 on 128³ crops (to run on 128³ tiles: fewer tile borders, which cost the 96³ student its gamma
-# figures), started 2026-12-04, unfinished: the same command continues it from its state.
+# figures); finished 2026-12-04 on a lent GPU (steps 726-2000, `--workers 14` appended), not shipped: its
+# mirrored healthy hemisphere has a false lesion (README, Distilled students).
 distill-meshnet16-crop128: env
 	$(DISTILL) --channels 16 --lr 1e-3 --crop 128 -o training/distill/meshnet16-arc26-crop128.safetensors \
 	    --state training/distill/meshnet16-arc26-crop128.state
