@@ -18,8 +18,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "MeshNetLesion"))
 
@@ -36,7 +34,7 @@ def compare(folder: Path, image: Path) -> dict:
         there = json.loads(report_path.read_text())
         labels_there = load_volume(folder / f"{model_id}.nii.gz").array > 0
         here = Segmenter(model_id, device="cpu").segment(scan)
-        ml = float((here.labels > 0).sum()) * abs(float(np.linalg.det(scan.affine[:3, :3]))) / 1000
+        ml = here.lesion_volume_ml
         rows[model_id] = {
             "lesion_ml": {"there": there["lesion_volume_ml"], "here": round(ml, 2)},
             "dice_there_vs_here": round(dice(labels_there, here.labels > 0), 4),
