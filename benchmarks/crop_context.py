@@ -6,7 +6,7 @@ their training crops): M2265, its mirrored healthy hemisphere and the quality su
 
 The students were trained on 64³ crops; their receptive field is 93 voxels, so on the whole grid they see
 context they never saw in training. The whole grid is the pipeline's: the brain's box and its margin.
-Tiles: stride half their edge, each voxel from the tile where it lies most centrally. Lesion mL on the model grid
+Tiles: as the pipeline lays them (meshnet_lesion.tiles). Lesion mL on the model grid
 inside the brain mask (not the source grid: the figures are close to, not equal to, the suite's); on
 M2265 also the Dice against the teacher's cached map (> 0.5), which ``make distill-students`` leaves in
 training/.work/teacher (computed here if absent). Prints the machine.
@@ -32,7 +32,7 @@ from meshnet_lesion.distill import lesion_box, network_input, teacher_view  # no
 from meshnet_lesion.machine import describe, machine  # noqa: E402
 from meshnet_lesion.metrics import dice  # noqa: E402
 from meshnet_lesion.model import MeshNet  # noqa: E402
-from meshnet_lesion.tiles import tile_starts  # noqa: E402
+from meshnet_lesion.tiles import tile_layout  # noqa: E402
 
 STUDENTS = ("meshnet16-arc26", "meshnet5-arc26")
 TEACHER_CACHE = ROOT / "training" / ".work" / "teacher"
@@ -45,17 +45,11 @@ def lesion_probability(net: MeshNet, x: torch.Tensor, box: tuple[slice, ...], ti
         with torch.no_grad():
             out[box] = torch.softmax(net(x[(..., *box)]), 1)[0, 1].numpy()
         return out
-    distance = np.full(out.shape, np.inf, np.float32)
-    starts = [[b.start + s for s in tile_starts(b.stop - b.start, tile)] for b in box]
-    for corner in np.stack(np.meshgrid(*starts, indexing="ij"), -1).reshape(-1, 3):
-        window = tuple(slice(int(c), int(c) + tile) for c in corner)
+    inside = x[(..., *box)]
+    for part in tile_layout(inside.shape[2:], tile, [b.start for b in box]):     # as the pipeline lays them
         with torch.no_grad():
-            p = torch.softmax(net(x[(..., *window)]), 1)[0, 1].numpy()
-        axes = [np.abs(np.arange(n) - (tile - 1) / 2) for n in p.shape]
-        off_centre = np.maximum.reduce(np.meshgrid(*axes, indexing="ij"))
-        nearer = off_centre < distance[window]
-        out[window][nearer] = p[nearer]
-        distance[window][nearer] = off_centre[nearer]
+            p = torch.softmax(net(inside[(..., *part.window)]), 1)[0, 1].numpy()
+        out[box][part.owned] = p[part.own_in_window]
     return out
 
 

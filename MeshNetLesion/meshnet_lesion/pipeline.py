@@ -174,6 +174,9 @@ class Segmenter:
         wanted = [1] if lesion_task else (list(range(self.spec.num_classes)) if probabilities or ensemble else [])
         axis = left_right_axis(grid.affine) if self.mirror else None
         passes = [x] if axis is None else [x, np.ascontiguousarray(np.flip(x, axis))]
+        origins = [tuple(b.start for b in box)]     # where each pass's first voxel lies on the grid (tiles.py)
+        if axis is not None:
+            origins.append(tuple(SHAPE[a] - b.stop if a == axis else b.start for a, b in enumerate(box)))
         outputs: list[list[EngineOutput]] = [[] for _ in passes]
         position = prepared.progress_done
         for index, engine in enumerate(self.engines):
@@ -183,8 +186,8 @@ class Segmenter:
                     (": mirrored scan" if side else "")
                 within = stages.within(position, share, label)
                 outputs[side].append(
-                    run_tiled(engine, values, self.tile, probability_classes=wanted, cancel=stages.cancel,
-                              progress=within) if self.tile else
+                    run_tiled(engine, values, self.tile, origin=origins[side], probability_classes=wanted,
+                              cancel=stages.cancel, progress=within) if self.tile else
                     engine.run(values, probability_classes=wanted, cancel=stages.cancel, progress=within,
                                surround=surround))
                 warnings += outputs[side][-1].warnings

@@ -11,7 +11,7 @@ import torch
 from meshnet_lesion import Cancelled, ModelError, Segmenter, build_meshnet, load_volume
 from meshnet_lesion.engine import Engine
 from meshnet_lesion.registry import Registry
-from meshnet_lesion.tiles import run_tiled, tile_starts
+from meshnet_lesion.tiles import axis_tiles, run_tiled
 
 
 def _tiny(seed: int = 4):
@@ -29,10 +29,26 @@ def _naive(model, x: np.ndarray) -> np.ndarray:
         return torch.softmax(model(torch.from_numpy(np.ascontiguousarray(x))[None, None]), 1)[0, 1].numpy()
 
 
-def test_tiles_overlap_by_half_and_the_last_is_flush_with_the_end():
-    assert tile_starts(10, 16) == [0]
-    assert tile_starts(40, 16) == [0, 8, 16, 24]
-    assert tile_starts(41, 16) == [0, 8, 16, 24, 25]
+def _spans(tiles):
+    return [(w.start, w.stop, o.start, o.stop) for w, o in tiles]
+
+
+def test_tiles_lie_on_the_grid_and_each_voxel_comes_from_the_nearest_centre():
+    # 16-voxel tiles at multiples of 8 of the grid; each owns the 8 voxels about its centre
+    assert _spans(axis_tiles(40, 16)) == [(0, 16, 0, 12), (8, 24, 12, 20), (16, 32, 20, 28), (24, 40, 28, 40)]
+    # the same axis one voxel further into the grid: the tiles stay where they were on the grid, cut to the array
+    assert _spans(axis_tiles(39, 16, origin=1)) == [(0, 15, 0, 11), (7, 23, 11, 19), (15, 31, 19, 27),
+                                                   (23, 39, 27, 39)]
+    assert _spans(axis_tiles(10, 16)) == [(0, 10, 0, 10)]          # shorter than a tile: one, cut
+    assert _spans(axis_tiles(10, 16, origin=7)) == [(0, 9, 0, 5), (1, 10, 5, 10)]
+    for length, tile, origin in ((172, 96, 39), (207, 96, 3), (41, 16, 5), (30, 17, 2)):
+        tiles = axis_tiles(length, tile, origin)
+        owned = np.concatenate([np.arange(length)[o] for _, o in tiles])
+        assert np.array_equal(owned, np.arange(length))              # every voxel once, in order
+        for window, own in tiles:                                    # a quarter tile of context, but at the ends
+            assert own.start - window.start >= tile // 4 or window.start == 0
+            assert window.stop - own.stop >= tile // 4 or window.stop == length
+            assert (window.start + origin) % (tile // 2) == 0 or window.start == 0
 
 
 def test_each_voxel_comes_from_the_tile_where_it_lies_most_centrally():
@@ -42,13 +58,28 @@ def test_each_voxel_comes_from_the_tile_where_it_lies_most_centrally():
     tiled = run_tiled(engine, x, 16, probability_classes=[1]).probabilities[0]
     whole = engine.run(x, probability_classes=[1]).probabilities[0]
     assert np.abs(tiled - whole).max() > 1e-3            # tiles see less context: not the whole-grid run
-    for corner in ([0, 0, 0], [8, 8, 6], [14, 10, 6]):   # a tile's centre voxel is that tile's own answer
+    for corner in ([0, 0, 0], [8, 8, 0], [16, 8, 8]):    # a tile's centre voxel is that tile's own answer
         window = tuple(slice(c, c + 16) for c in corner)
         centre = tuple(c + 8 for c in corner)
         assert tiled[centre] == pytest.approx(_naive(model, x[window])[8, 8, 8], abs=1e-4)
     one = run_tiled(engine, x, 32, probability_classes=[1])          # a tile larger than the volume: one run
     np.testing.assert_allclose(one.probabilities[0], whole, atol=1e-6)
     assert np.array_equal(one.labels, engine.run(x).labels)
+
+
+def test_a_box_moved_by_a_voxel_leaves_the_tiles_where_they_were():
+    """A brain mask one voxel larger (a gamma-shifted scan's) moves the box the network runs on, not its tiles."""
+    engine = Engine(_tiny().to_loaded(), "cpu", "fp32")
+    grid = np.random.default_rng(2).random((48, 40, 40), dtype=np.float32)
+    box = (slice(5, 45), slice(3, 40), slice(0, 40))
+    moved = (slice(6, 45), *box[1:])
+    runs = [run_tiled(engine, np.ascontiguousarray(grid[b]), 16, origin=[s.start for s in b],
+                      probability_classes=[1]).probabilities[0] for b in (box, moved)]
+    # beyond the first tile, which the moved box cuts by one more voxel, every voxel is the same
+    np.testing.assert_array_equal(runs[0][1 + 11:], runs[1][11:])
+    # tiles laid from the box's own corner would have changed them
+    shifted = run_tiled(engine, np.ascontiguousarray(grid[moved]), 16, probability_classes=[1]).probabilities[0]
+    assert np.abs(shifted[11:] - runs[0][1 + 11:]).max() > 1e-3
 
 
 def test_a_cancelled_tiled_run_stops():
