@@ -76,7 +76,9 @@ def entry(student_id: str, registry: dict, quality: dict | None, report: Path | 
                         + tuning + ("" if not tiled else
                                     f" It runs on {run['crop']}^3 tiles of the scan overlapping by half, the context "
                                     "it was trained in: on the whole grid at once it calls false lesion where it "
-                                    "sees more than it learnt (the mirrored healthy hemisphere of M2265).")),
+                                    "sees more than it learnt (the mirrored healthy hemisphere of M2265). The "
+                                    "tiles lie on a fixed lattice of the 256^3 grid, so that a brain mask a voxel "
+                                    "larger or smaller does not move them.")),
         "files": [{"name": shipped.name, "size": shipped.stat().st_size, "sha256": sha256_of(shipped),
                    "bundled": f"weights/{shipped.name}"}],
         "spec": member["spec"],
