@@ -89,9 +89,10 @@ distill-students: env
 distill-meshnet16-crop64: env
 	$(DISTILL) --channels 16 --lr 1e-3 --crop 64 -o training/distill/meshnet16-arc26.safetensors --state training/distill/meshnet16-arc26.state
 
-# MeshNet-16 on 128³ crops (to run on 128³ tiles: fewer tile borders, which cost the 96³ student its gamma
-# figures); finished 2026-12-04 on a lent GPU (steps 726-2000, `--workers 14` appended), not shipped: its
-# mirrored healthy hemisphere has a false lesion (README, Distilled students).
+# MeshNet-16 on 128³ crops (to run on 128³ tiles: fewer tile borders, tried when the 96³ student lost its gamma
+# figures to tiles laid from the box's corner, since laid on the grid's lattice); finished 2026-12-04 on a lent
+# GPU (steps 726-2000, `--workers 14` appended), not shipped: its mirrored healthy hemisphere has a false
+# lesion (README, Distilled students).
 distill-meshnet16-crop128: env
 	$(DISTILL) --channels 16 --lr 1e-3 --crop 128 -o training/distill/meshnet16-arc26-crop128.safetensors \
 	    --state training/distill/meshnet16-arc26-crop128.state

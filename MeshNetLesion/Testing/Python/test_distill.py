@@ -362,9 +362,9 @@ def test_a_tiled_students_tiles_are_its_training_crop(registry):
 
 
 # Each shipped student's least Dice against its teacher on M2265. MeshNet-5: its bar, 0.75 (the suite measured
-# 0.764 after its fine-tuning with renderings, quality-students.json); MeshNet-16 (96³ crops, on 96³ tiles): 0.87,
-# the suite's 0.887 (quality-students.json) less a margin for bf16 rounding and the machine (its bar: 0.85).
-SHIPPED = {"meshnet5-arc26": 0.75, "meshnet16-arc26": 0.87}
+# 0.765 after its fine-tuning with renderings, quality-students.json); MeshNet-16 (96³ crops, on 96³ tiles): 0.86,
+# the suite's 0.878 (quality-students.json, fp32) less a margin for bf16 rounding and the machine (its bar: 0.85).
+SHIPPED = {"meshnet5-arc26": 0.75, "meshnet16-arc26": 0.86}
 
 
 @pytest.mark.quality
@@ -390,3 +390,18 @@ def test_a_shipped_student_finds_no_lesion_on_the_mirrored_healthy_hemisphere(re
     healthy = perturb.mirrored_healthy_hemisphere(arc_volume, "L")
     result = Segmenter(student_id, registry=registry, device="cpu").segment(healthy)
     assert result.lesion_volume_ml <= 1.0, f"{result.lesion_volume_ml:.2f} mL found on a lesion-free scan"
+
+
+@pytest.mark.quality
+def test_the_tiled_student_keeps_its_lesion_when_the_brain_mask_moves(registry, arc_volume):
+    """Gamma 0.7 moves the edge of M2265's brain mask, and so the box the network runs on, by a voxel: tiles
+    laid from the box's corner lost 1 % of the lesion (Dice 0.988), tiles on the grid's lattice keep it
+    (0.998 in the suite; the teacher 0.997)."""
+    from meshnet_lesion import Segmenter, perturb
+    from meshnet_lesion.metrics import dice
+
+    segmenter = Segmenter("meshnet16-arc26", registry=registry, device="cpu")
+    assert segmenter.tile == 96
+    original = segmenter.segment(arc_volume).labels == 1
+    shifted = segmenter.segment(perturb.gamma(arc_volume, 0.7)).labels == 1
+    assert dice(shifted, original) >= 0.995
