@@ -7,8 +7,9 @@ mask, standardisation, restriction, back to the source grid). For each model:
 
 - **agreement**: M2265 changed as scanners, sites and tools change it (skull-stripped with its own
   MindGrab mask and cropped; intensities ×0.5 and ×3; gamma 0.7 and 1.4; a smooth ±20 % bias field;
-  12-bit integer storage; 1×1×3 mm axial and 2 mm isotropic voxels): lesion mL and Dice against the
-  same model's lesion on the unmodified scan, on the original grid;
+  12-bit integer storage; 1×1×3 mm axial and 2 mm isotropic voxels): lesion mL, and Dice and the mL of
+  voxels that changed side against the same model's lesion on the unmodified scan, on the original grid
+  (Dice counts the same changed voxels more on a smaller lesion);
 - **false positives**: M2265 with its lesioned hemisphere replaced by the mirrored healthy one, and
   lesion-free synthetic renderings (``meshnet_lesion.synth``, label head of t1_crop) with a random
   T2-like contrast (as for training) and with M2265's own contrast (``synth.measured_contrast``):
@@ -265,6 +266,7 @@ def main() -> int:
     lesion_free = {name: volumes for name, volumes in lesion_free.items() if name in wanted}
     args.report.parent.mkdir(parents=True, exist_ok=True)
 
+    voxel_ml = abs(float(np.linalg.det(scan.affine[:3, :3]))) / 1000.0
     for model_id, segmenter in segmenters.items():
         row = results["models"][model_id]
         reference = originals[model_id].labels == 1
@@ -273,6 +275,8 @@ def main() -> int:
             result = segmenter.segment(volume)
             on_original = perturb.onto(result.labels == 1, volume, scan)
             row[name] = {"lesion_ml": result.lesion_volume_ml, "dice": dice(on_original, reference),
+                         # Dice weighs the same changed voxels more on a smaller lesion: the volume itself too
+                         "changed_ml": float(np.count_nonzero(on_original != reference)) * voxel_ml,
                          "seconds": time.perf_counter() - tick, "standardized": result.standardized}
             print(f"{model_id:24} {name:28} {result.lesion_volume_ml:7.1f} mL  Dice {row[name]['dice']:.3f}  "
                   f"({row[name]['seconds']:.0f} s)", flush=True)
@@ -322,6 +326,8 @@ def _print_table(results: dict, models: list[str]) -> None:
     for name in [n for n in AGREEMENT if n in row[models[0]]]:
         print(f"{name + ': Dice (mL)':40}" + "".join(
             f"{row[m][name]['dice']:>17.3f} ({row[m][name]['lesion_ml']:5.1f})" for m in models))
+    for name in [n for n in AGREEMENT if n in row[models[0]]]:
+        print(f"{name + ': mL changed':40}" + "".join(f"{row[m][name]['changed_ml']:>26.2f}" for m in models))
     for name in LESION_FREE:
         if name in row[models[0]]:
             print(f"{name + ': mL':40}" + "".join(f"{row[m][name]['false_positive_ml']:>26.2f}" for m in models))
