@@ -266,7 +266,6 @@ def main() -> int:
     lesion_free = {name: volumes for name, volumes in lesion_free.items() if name in wanted}
     args.report.parent.mkdir(parents=True, exist_ok=True)
 
-    voxel_ml = abs(float(np.linalg.det(scan.affine[:3, :3]))) / 1000.0
     for model_id, segmenter in segmenters.items():
         row = results["models"][model_id]
         reference = originals[model_id].labels == 1
@@ -275,8 +274,7 @@ def main() -> int:
             result = segmenter.segment(volume)
             on_original = perturb.onto(result.labels == 1, volume, scan)
             row[name] = {"lesion_ml": result.lesion_volume_ml, "dice": dice(on_original, reference),
-                         # Dice weighs the same changed voxels more on a smaller lesion: the volume itself too
-                         "changed_ml": float(np.count_nonzero(on_original != reference)) * voxel_ml,
+                         "changed_ml": float(np.count_nonzero(on_original != reference)) * scan.voxel_volume_ml,
                          "seconds": time.perf_counter() - tick, "standardized": result.standardized}
             print(f"{model_id:24} {name:28} {result.lesion_volume_ml:7.1f} mL  Dice {row[name]['dice']:.3f}  "
                   f"({row[name]['seconds']:.0f} s)", flush=True)
