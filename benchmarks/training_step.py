@@ -1,7 +1,8 @@
 """Seconds per training step (forward, backward, AdamW) of the paper's MeshNets on CPU crops.
 
 Prints one row per (variant, crop edge): the median of a few steps after a warm-up step, and the
-voxels per second, so crop sizes can be compared side by side in one run.
+voxels per second, so crop sizes can be compared side by side in one run. 66³ stands beside 64³
+because PyTorch's CPU convolution takes a slow path for MeshNet-5 at 64³ (README, Training).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MeshNetLesion"))
+from meshnet_lesion.machine import describe, machine  # noqa: E402
 from meshnet_lesion.model import build_meshnet  # noqa: E402
 from meshnet_lesion.training import TrainConfig, make_loss, make_optimizer  # noqa: E402
 
@@ -34,10 +36,10 @@ def step_seconds(channels: int, edge: int, steps: int = 3) -> float:
 
 
 def main() -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"machine: {describe(machine())}")
     print(f"{'variant':10} {'crop':>5} {'s/step':>8} {'Mvoxel/s':>9}")
     for channels in (5, 16, 26):
-        for edge in (64, 96):
+        for edge in (64, 66, 96):
             seconds = step_seconds(channels, edge)
             print(f"MeshNet-{channels:<2} {edge:>4}³ {seconds:8.2f} {edge ** 3 / seconds / 1e6:9.3f}", flush=True)
 
