@@ -2,7 +2,7 @@
 
 Prints one row per (variant, crop edge): the median of a few steps after a warm-up step, and the
 voxels per second, so crop sizes can be compared side by side in one run. 66³ stands beside 64³
-because PyTorch's CPU convolution takes a slow path for MeshNet-5 at 64³ (README, Training).
+because PyTorch's CPU convolution takes a slow path for MeshNet-5 at 64³ (README, Synthetic-trained models).
 """
 from __future__ import annotations
 
