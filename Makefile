@@ -13,7 +13,7 @@ DEMO_DIR ?= demo-output
 # venv of its own (tinygrad; its CPU backend compiles kernels with clang).
 BRAINCHOP_VENV ?= .venv-brainchop
 
-.PHONY: test test-quality demo env bench quality fuzz synthetic-models distill-students distill-meshnet16-crop64 distill-meshnet16-crop128 ship-students clean
+.PHONY: test test-quality test-slicer demo env bench quality fuzz synthetic-models distill-students distill-meshnet16-crop64 distill-meshnet16-crop128 ship-students clean
 
 env: $(VENV)/.installed
 
@@ -26,7 +26,14 @@ $(VENV)/.installed: pyproject.toml
 
 test: env
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not quality"
+	$(BIN)/python -m pytest -m "not quality and not slicer_env"
+
+# A stock Slicer 5.8 Python (a fresh venv with only Slicer's bundled packages and slicer-core, a PythonSlicer
+# launcher that behaves as CTK's AppLauncher, the PyTorch extension standing in with the local torch wheel): the
+# module's own installer installs Resources/requirements.txt, then the default model runs through the launcher.
+# A few minutes; CI runs it after make test.
+test-slicer: env
+	$(BIN)/python -m pytest -m slicer_env
 
 # The long suite: the acceptance bars on the real ARC scan that make test leaves out (the robustness cases but
 # the skull-stripped one, the mirrored-hemisphere scan, the default against the replication's three

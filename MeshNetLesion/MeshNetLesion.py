@@ -2,7 +2,7 @@
 
 A thin module file over MeshNetLesionLib (Slicer-side logic) and meshnet_lesion (the core): the
 widget shows the panel and drives a :class:`MeshNetLesionLib.job.SegmentationJob` from a timer.
-The network runs in a child process; Slicer's process never imports torch at startup.
+The network runs in a child process; Slicer's process never imports torch.
 """
 import logging
 import os
@@ -40,7 +40,7 @@ class MeshNetLesion(ScriptedLoadableModule):
         self.parent.title = _("MeshNet Lesion")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
-        self.parent.contributors = ["MeshNetLesion contributors"]
+        self.parent.contributors = ["MeshNetLesion developers (MeshNetLesion project)"]
         self.parent.helpText = _(
             "Segments chronic stroke lesions on T2-weighted brain MRI with MeshNet, a dilated 3D network "
             "of a few thousand to 150 thousand parameters. Select a T2 volume and a model, click Apply, "
@@ -134,7 +134,7 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.clearModelsButton.connect("clicked(bool)", self.onClearModels)
 
         self.populateModels()
-        self.populateDevices()
+        self.populateDevices(None)
         self.ui.progressBar.setVisible(False)
         self.initializeParameterNode()
 
@@ -228,19 +228,13 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if current:
             self._selectData(self.ui.modelComboBox, current)
 
-    def populateDevices(self):
-        """Disable devices this machine lacks, with the reason (needs PyTorch to tell)."""
-        import importlib.util
-
+    def populateDevices(self, reasons):
+        """Disable devices this machine lacks, with the reason. Only a run's child process can tell (``reasons``,
+        device kind -> None or why not; None before the first run): Slicer's process never imports PyTorch."""
         combo = self.ui.deviceComboBox
         wasBlocked = combo.blockSignals(True)  # clear()/addItem() emit currentIndexChanged: not a user's choice
         combo.clear()
-        reasons = {}
-        if importlib.util.find_spec("torch"):
-            try:
-                reasons = self.logic.deviceChoices()
-            except Exception as error:  # a broken PyTorch install: say so, let the first run report it
-                logging.warning("MeshNetLesion: could not query PyTorch devices: %s", error)
+        reasons = reasons or {}
         for index, (value, label) in enumerate(self.DEVICES):
             reason = reasons.get(value)
             combo.addItem(label if reason is None else _("{device} (not available)").format(device=label), value)
@@ -249,8 +243,8 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 item.setEnabled(False)
                 item.setToolTip(reason)
         self._devicesKnown = bool(reasons)
-        if not reasons:
-            combo.toolTip = _("PyTorch is installed on the first run; then unavailable devices are disabled here.")
+        combo.toolTip = "" if reasons else _("Which devices this computer has is known after the first run; then "
+                                             "unavailable devices are disabled here. Auto is a CUDA GPU, else the CPU.")
         if self._parameterNode is not None:
             self._selectData(combo, self._parameterNode.device)
         combo.blockSignals(wasBlocked)
@@ -295,10 +289,8 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.enabled = False
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
-            if not ensureDependencies(askConfirmation=True):
+            if not self.ensureDependencies():
                 return
-            if not self._devicesKnown:  # PyTorch was just installed: now the devices can be told apart
-                self.populateDevices()
             parameters = self._parameterNode
             self._job = self.logic.segmentAsync(
                 parameters.inputVolume, parameters.outputSegmentation, modelId=parameters.modelId,
@@ -310,6 +302,18 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Starting…")
             self._timer.start()
             self.updateGuiFromParameterNode()
+
+    def ensureDependencies(self) -> bool:
+        """Install what a run needs after asking, saying so on the status line while pip works."""
+        missing = dependenciesMissing()
+        if missing:
+            self.ui.statusLabel.text = _("Installing {packages} (first use; this can take minutes)…").format(
+                packages=", ".join(missing))
+            slicer.app.processEvents()
+        installed = ensureDependencies(askConfirmation=True)
+        if missing:
+            self.ui.statusLabel.text = _("Installed.") if installed else _("Not installed.")
+        return installed
 
     def onTimer(self):
         job = self._job
@@ -329,9 +333,12 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onJobFinished(self, job):
         self.ui.progressBar.setVisible(False)
+        if job.devices is not None and not self._devicesKnown:
+            self.populateDevices(job.devices)
         if job.state == "done":
             self.ui.statusLabel.text = _("Done in {seconds:.1f} s on {device}.").format(
                 seconds=job.elapsed, device=job.result.device)
+            self.logic.showResult(job)
             if self._parameterNode is not None:
                 self._parameterNode.outputSegmentation = job.segmentationNode
             for warning in job.warnings:
@@ -373,6 +380,8 @@ class MeshNetLesionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not folder:
             return
         with slicer.util.tryWithErrorDisplay(_("Could not import the model."), waitCursor=True):
+            if not self.ensureDependencies():  # the import loads the model (in a child process) to check it
+                return
             entry = self.logic.importModelFolder(folder)
             self.populateModels()
             self._parameterNode.modelId = entry.id
@@ -400,8 +409,15 @@ class MeshNetLesionTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        """Reload and Test: installs what is missing after the user agrees, then runs every test."""
-        self.assertTrue(ensureDependencies(askConfirmation=True), "dependencies are not installed")
+        """Reload and Test: installs what is missing after the user agrees, then runs every test. In testing mode
+        (``--testing``), where Slicer's dialogs accept by themselves, nothing is installed: it fails naming what
+        is missing."""
+        if slicer.app.testingEnabled():
+            missing = dependenciesMissing()
+            self.assertFalse(missing, f"MeshNetLesion needs {', '.join(missing)}; install them first (Apply once in "
+                                      "the module): testing mode installs nothing")
+        else:
+            self.assertTrue(ensureDependencies(askConfirmation=True), "dependencies are not installed")
         for test in (self.test_SegmentSample, self.test_CancelLeavesNoNodes, self.test_RerunKeepsUserSegment):
             self.setUp()
             test()

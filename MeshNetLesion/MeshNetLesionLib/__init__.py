@@ -2,6 +2,7 @@
 
 - :mod:`.logic`: :class:`~.logic.MeshNetLesionLogic`, the module's public API;
 - :mod:`.job`: one run in a child process, relayed to the main thread, and its :class:`~.job.RunOptions`;
+- :mod:`.launcher`: starting children through Slicer's ``PythonSlicer`` and stopping them for real;
 - :mod:`.mrml`: volume nodes to core volumes, results to segmentation and volume nodes;
 - :mod:`.texts`: what the panel says, through Slicer's translation function;
 - :mod:`.install`: installing PyTorch and the other packages into Slicer's Python.

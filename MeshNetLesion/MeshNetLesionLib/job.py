@@ -5,17 +5,16 @@ Slicer's main thread holds the GIL while its event loop idles, so a network on a
 Slicer ran only in the slices the panel's timer handed over (``benchmarks/slicer_gil.py`` measures
 both); a child process runs at the command line's speed, stops at once on Cancel and takes an
 out-of-memory crash with it instead of Slicer. A light thread here writes the request, starts the
-child and relays its progress through a queue; :meth:`SegmentationJob.poll` (main thread) applies
-them and, on success, creates the nodes, so a failed or cancelled run leaves the scene as it was.
-Closing the scene or removing the input or output node cancels the run.
+child (:mod:`.launcher`: through ``PythonSlicer``, which forwards no signal) and relays its progress
+through a queue; :meth:`SegmentationJob.poll` (main thread) applies them and, on success, creates
+the nodes, so a failed or cancelled run leaves the scene as it was. Closing the scene or removing
+the input or output node cancels the run.
 """
 from __future__ import annotations
 
-import os
+import json
 import queue
-import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,7 +27,7 @@ import vtk
 
 from meshnet_lesion.progress import Progress, ProgressCallback
 
-from . import mrml
+from . import launcher, mrml
 
 _WRITE_SHARE = 0.04  # progress share of creating the nodes at the end
 # The panel polls a job every POLL_INTERVAL_MS and then sleeps WORKER_SLICE_S. Slicer's main thread
@@ -37,7 +36,9 @@ _WRITE_SHARE = 0.04  # progress share of creating the nodes at the end
 POLL_INTERVAL_MS = 50
 WORKER_SLICE_S = 0.01
 _LOG_LINES = 40        # the child's last log lines, kept for an error's details
-_STOP_GRACE_S = 1.0    # after terminate(), how long a child gets before kill()
+# What a child that ended without a word most likely met; the launcher turns a signal into exit code 1.
+KILLED_HINT = ("it was stopped from outside before it finished: most often the computer ran out of memory (close "
+               "other programs, or choose a smaller model or the CPU), or it crashed")
 
 
 @dataclass(frozen=True)
@@ -54,23 +55,55 @@ class RunOptions:
 
 @dataclass(frozen=True)
 class Launch:
-    """How to start the child: the Python to run it with, and the registry it should use."""
+    """How to start the child: the Python to run it with, the registry it should use, where its request goes
+    (Slicer's temporary folder in the application; None: the system's)."""
 
     python: str
     registry: dict[str, str | None] = field(default_factory=dict)
+    temporaryRoot: str | None = None
 
-    @staticmethod
-    def python_executable() -> str:
-        """Slicer's own launcher (PythonSlicer) inside the application, this interpreter elsewhere.
+    @classmethod
+    def here(cls, registry: dict[str, str | None]) -> Launch:
+        return cls(launcher.pythonExecutable(), registry, launcher.temporaryRoot())
 
-        As ``slicer.util._executePythonModule`` does it (Slicer 5.8 to 5.12)."""
-        import slicer
 
-        if hasattr(slicer, "app"):
-            found = shutil.which("PythonSlicer")
-            if found:
-                return found
-        return sys.executable
+def _childFailure(code: int, log: deque[str]) -> tuple[RuntimeError, str | None]:
+    """The error for a child that ended with ``code`` without reporting an error of its own."""
+    return (RuntimeError(f"the segmentation process ended with exit code {code}; {KILLED_HINT}"),
+            "\n".join(log) or None)
+
+
+def runAction(launch: Launch, request: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
+    """Run a short worker action (``import``, ``devices``) in a child and return its ``result.json``; raises the
+    child's error. Blocks the caller: for actions of seconds, not for a segmentation."""
+    from meshnet_lesion import worker
+
+    package_root = str(Path(worker.__file__).resolve().parent.parent)
+    with tempfile.TemporaryDirectory(prefix="meshnet-lesion-", dir=launch.temporaryRoot) as folder:
+        (Path(folder) / "request.json").write_text(json.dumps({**request, "registry": launch.registry}),
+                                                   encoding="utf-8")
+        process = launcher.start(worker.command(launch.python, Path(folder), package_root))
+        timer = threading.Timer(timeout, launcher.stop, args=(process,))   # stdin stays open until then
+        timer.start()
+        try:
+            output = process.stdout.read()
+            process.wait()
+        finally:
+            timedOut = not timer.is_alive()
+            timer.cancel()
+            process.stdin.close()
+        if timedOut:
+            raise RuntimeError(f"the {request.get('action')} process did not finish in {timeout:.0f} s")
+        log: deque[str] = deque(maxlen=_LOG_LINES)
+        for line in output.splitlines():
+            message = worker.parse_line(line)
+            if message is None:
+                log.append(line)
+            elif message[0] == "error":
+                raise worker.error_from(message[1])
+        if process.returncode != 0:
+            raise _childFailure(process.returncode, log)[0]
+        return json.loads((Path(folder) / "result.json").read_text(encoding="utf-8"))
 
 
 class SegmentationJob:
@@ -93,7 +126,9 @@ class SegmentationJob:
         self._progress = Progress(self._notify)
         self._progress.stage = "starting"
         self._cancel = threading.Event()
+        self.devices: dict[str, str | None] | None = None   # what the child found: device kind -> None or why not
         self._process: subprocess.Popen | None = None
+        self._workerPid: int | None = None
         self._processLock = threading.Lock()
         self._log: deque[str] = deque(maxlen=_LOG_LINES)
         self._messages: queue.Queue = queue.Queue()
@@ -116,7 +151,7 @@ class SegmentationJob:
     # ---------------------------------------------------------------- relay thread
     def _work(self) -> None:
         try:
-            with tempfile.TemporaryDirectory(prefix="meshnet-lesion-") as folder:
+            with tempfile.TemporaryDirectory(prefix="meshnet-lesion-", dir=self.launch.temporaryRoot) as folder:
                 self._messages.put(self._run(Path(folder)))
         except BaseException as error:  # noqa: BLE001 - every failure is reported to the main thread
             self._messages.put(("cancelled", None) if self._cancel.is_set() else ("error", (error, None)))
@@ -134,15 +169,19 @@ class SegmentationJob:
         with self._processLock:
             if self._cancel.is_set():
                 return "cancelled", None
-            self._process = subprocess.Popen(
-                worker.command(self.launch.python, folder, package_root), stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace",
-                **_hiddenConsole())
+            self._process = launcher.start(worker.command(self.launch.python, folder, package_root))
         failure = None
         for line in self._process.stdout:
             message = worker.parse_line(line)
             if message is None:
                 self._log.append(line.rstrip())
+            elif message[0] == "started":
+                with self._processLock:
+                    self._workerPid = int(message[1]["pid"])
+                    if self._cancel.is_set():   # cancelled before the worker's id was known
+                        launcher.stop(self._process, self._workerPid)
+            elif message[0] == "devices":
+                self.devices = message[1]
             elif message[0] == "progress":
                 fraction, stage = message[1]
                 self._messages.put(("progress", (fraction * (1 - _WRITE_SHARE), stage)))
@@ -153,14 +192,13 @@ class SegmentationJob:
             elif message[0] == "error":
                 failure = message[1]
         code = self._process.wait()
+        self._process.stdin.close()
         if self._cancel.is_set():
             return "cancelled", None
         if failure is not None:
             return "error", (worker.error_from(failure), failure.get("detail"))
         if code != 0:
-            hint = " (it was killed: out of memory?)" if code < 0 or code == 137 else ""
-            return "error", (RuntimeError(f"the segmentation process ended with exit code {code}{hint}"),
-                             "\n".join(self._log) or None)
+            return "error", _childFailure(code, self._log)
         return "result", worker.read_result(folder)
 
     # ---------------------------------------------------------------- main thread
@@ -172,13 +210,13 @@ class SegmentationJob:
             callback(fraction, stage)
 
     def cancel(self) -> None:
-        """Stop the run: the child process is terminated (killed if it has not gone within a second)."""
+        """Stop the run: the launcher, the worker under it and anything they started (killed if still there
+        after a second; see :func:`.launcher.stop`)."""
         self._cancel.set()
         with self._processLock:
-            process = self._process
-        if process is not None and process.poll() is None:
-            process.terminate()
-            threading.Thread(target=_killLater, args=(process,), daemon=True).start()
+            process, workerPid = self._process, self._workerPid
+            if process is not None:
+                launcher.stop(process, workerPid)
 
     @property
     def finished(self) -> bool:
@@ -265,20 +303,3 @@ class SegmentationJob:
     def _onNodeRemoved(self, caller, event, node) -> None:
         if node is not None and node in (self.inputVolumeNode, self.outputSegmentationNode):
             self.cancel()
-
-
-def _killLater(process: subprocess.Popen) -> None:
-    try:
-        process.wait(timeout=_STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-
-
-def _hiddenConsole() -> dict[str, Any]:
-    """No console window for the child on Windows (as slicer.util.launchConsoleProcess)."""
-    if os.name != "nt":
-        return {}
-    info = subprocess.STARTUPINFO()
-    info.dwFlags = subprocess.STARTF_USESHOWWINDOW
-    info.wShowWindow = 0
-    return {"startupinfo": info}

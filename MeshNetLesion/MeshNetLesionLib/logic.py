@@ -3,8 +3,8 @@
 Runs inside Slicer and headless with only the ``slicer-core`` package (tests build the scene the
 way trame-slicer does). The widget drives a :class:`~.job.SegmentationJob` from a timer;
 :meth:`MeshNetLesionLogic.segment` is the synchronous form for the Python console and batch scripts.
-The network runs in a child process (:mod:`.job`); Slicer's own process imports PyTorch only to list
-devices, so the panel loads before PyTorch is installed.
+The network runs in a child process (:mod:`.job`), and so do importing a model and finding devices:
+Slicer's own process never imports PyTorch, so the panel loads before PyTorch is installed.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import slicer
 from meshnet_lesion.errors import Cancelled, InputError
 
 from . import mrml
-from .job import Launch, RunOptions, SegmentationJob
+from .job import Launch, RunOptions, SegmentationJob, runAction
 from .texts import _
 
 MODULE_NAME = "MeshNetLesion"
@@ -91,21 +91,19 @@ class MeshNetLesionLogic:
         return self.registry.builtin_entry(SAMPLE_ID).files[0]
 
     def importModelFolder(self, folder: str | Path, modelId: str | None = None, title: str | None = None):
-        return self.registry.import_folder(Path(folder), modelId, title)
+        """Import a model folder into the registry's cache, checked by loading it in a child process (PyTorch is
+        needed: call :func:`.install.ensureDependencies` first). Returns the new registry entry."""
+        found = runAction(self.launch(), {"action": "import", "folder": str(Path(folder).resolve()), "id": modelId,
+                                          "title": title})
+        return self.registry.get(found["id"])
 
     def clearDownloadedModels(self) -> None:
         self.registry.clear_cache()
 
-    @staticmethod
-    def deviceChoices() -> dict[str, str | None]:
-        """Device kind -> None if usable, else why not (imports torch)."""
-        from meshnet_lesion.devices import available_devices
-
-        return available_devices()
-
     def launch(self) -> Launch:
-        """How the job starts its child process: which Python, and this logic's registry."""
-        return Launch(Launch.python_executable(), self.registry.settings())
+        """How a child process starts: which Python (``PythonSlicer`` in Slicer), this logic's registry, Slicer's
+        temporary folder."""
+        return Launch.here(self.registry.settings())
 
     # ---------------------------------------------------------------- running
     def segmentAsync(self, inputVolumeNode, outputSegmentationNode=None, modelId: str | None = None,
@@ -136,6 +134,13 @@ class MeshNetLesionLogic:
         if job.state == "failed":
             raise job.error
         return job.segmentationNode
+
+    def showResult(self, job: SegmentationJob) -> None:
+        """After a run: the input in the slice views' background, its probability map (if asked for) over it."""
+        probability = None
+        if job.options.outputProbability and job.segmentationNode is not None:
+            probability = job.segmentationNode.GetNodeReference(mrml.PROBABILITY_REFERENCE)
+        mrml.showInSliceViews(self.scene, job.inputVolumeNode, probability)
 
     # ---------------------------------------------------------------- terminology and results
     def loadTerminology(self, terminologyLogic=None) -> str:

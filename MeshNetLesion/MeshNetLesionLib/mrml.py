@@ -74,10 +74,13 @@ def writeResult(scene, inputVolumeNode, outputSegmentationNode, result, modelId:
 
     A lesion model gives one "Lesion" segment (SNOMED CT Infarct); other models one segment per
     class, named and coloured from the model's classes. Segments from an earlier run of this module
-    are replaced in place; the user's own segments stay."""
+    are updated in place and keep their IDs (a Segment Statistics table or a script that names them
+    stays valid); the user's own segments stay. The label map is imported through the transform
+    between the input and the segmentation when they sit under different transforms."""
     created: list = []
     new_ids: list[str] = []
     previous: list[str] = []
+    backups: dict[str, tuple[int, object]] = {}   # segments of the earlier run, as they were
     segmentation_node = outputSegmentationNode
     geometry_name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
     geometry_role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
@@ -102,16 +105,23 @@ def writeResult(scene, inputVolumeNode, outputSegmentationNode, result, modelId:
             segmentation_node.SetSourceRepresentationToBinaryLabelmap()
         previous = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())
                     if segmentation.GetNthSegment(i).HasTag(SEGMENT_TAG)]
+        previous_by_name = {segmentation.GetSegment(segment_id).GetName(): segment_id for segment_id in previous}
         names = segmentNames(result)
         ids = vtk.vtkStringArray()   # label value n + 1 goes to ids[n]
         for name in names:
-            segment_id = name if segmentation.GetSegment(name) is None and name not in new_ids \
-                else segmentation.GenerateUniqueSegmentID(name)
+            segment_id = previous_by_name.get(name)
+            if segment_id is None or segment_id in new_ids:
+                segment_id = name if segmentation.GetSegment(name) is None and name not in new_ids \
+                    else segmentation.GenerateUniqueSegmentID(name)
+            else:
+                backup = slicer.vtkSegment()
+                backup.DeepCopy(segmentation.GetSegment(segment_id))
+                backups[segment_id] = (segmentation.GetSegmentIndex(segment_id), backup)
             new_ids.append(segment_id)
             ids.InsertNextValue(segment_id)
         labelmap = _orientedImage(result.labels, inputVolumeNode, result.summarize()["label_box"])
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
-                labelmap, segmentation_node, ids, None):
+                labelmap, segmentation_node, ids, _transformBetween(inputVolumeNode, segmentation_node)):
             raise MeshNetLesionError("Slicer could not import the label map into the segmentation")
         colors = [LESION_COLOR] if result.is_lesion_model else [
             tuple(channel / 255 for channel in c.color) for c in result.classes[1:]]
@@ -127,7 +137,8 @@ def writeResult(scene, inputVolumeNode, outputSegmentationNode, result, modelId:
         if previous:
             index = segmentation.GetSegmentIndex(previous[0])
             for segment_id in previous:
-                segmentation.RemoveSegment(segment_id)
+                if segment_id not in new_ids:
+                    segmentation.RemoveSegment(segment_id)
             for offset, segment_id in enumerate(new_ids):
                 segmentation.SetSegmentIndex(segment_id, index + offset)
         probability_nodes = []
@@ -143,6 +154,10 @@ def writeResult(scene, inputVolumeNode, outputSegmentationNode, result, modelId:
             for segment_id in new_ids:
                 if segmentation.GetSegment(segment_id) is not None and segment_id not in previous:
                     segmentation.RemoveSegment(segment_id)
+            for segment_id, (index, backup) in backups.items():
+                segmentation.RemoveSegment(segment_id)
+                segmentation.AddSegment(backup, segment_id)
+                segmentation.SetSegmentIndex(segment_id, index)
             segmentation.SetConversionParameter(geometry_name, saved_geometry[0])
             segmentation_node.SetNodeReferenceID(geometry_role, saved_geometry[1])
         for node in reversed(created):
@@ -150,6 +165,27 @@ def writeResult(scene, inputVolumeNode, outputSegmentationNode, result, modelId:
                 scene.RemoveNode(node.GetNthDisplayNode(index))
             scene.RemoveNode(node)
         raise
+
+
+def _transformBetween(volumeNode, segmentationNode):
+    """The transform from the volume's frame to the segmentation's, None when both sit under the same one."""
+    if volumeNode.GetParentTransformNode() is segmentationNode.GetParentTransformNode():
+        return None
+    transform = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(volumeNode.GetParentTransformNode(),
+                                                        segmentationNode.GetParentTransformNode(), transform)
+    return transform
+
+
+def showInSliceViews(scene, volumeNode, probabilityNode=None, opacity: float = 0.4) -> None:
+    """The input as every slice view's background and the probability map, when there is one, as its
+    foreground (as ``slicer.util.setSliceViewerLayers`` does, on this scene); the segmentation shows itself."""
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
+        composite.SetBackgroundVolumeID(volumeNode.GetID())
+        if probabilityNode is not None:
+            composite.SetForegroundVolumeID(probabilityNode.GetID())
+            composite.SetForegroundOpacity(opacity)
 
 
 def summaryAttributes(result, modelId: str) -> dict[str, str]:

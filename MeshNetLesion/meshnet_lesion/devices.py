@@ -1,11 +1,55 @@
-"""Which device and precision a run uses: ``auto`` and explicit choices, and why a device is missing."""
+"""Which device and precision a run uses: ``auto`` and explicit choices, and why a device is missing.
+
+The oldest PyTorch the core runs with is :data:`MIN_TORCH`: 2.6 is the first release whose
+``torch.load(weights_only=True)`` is not open to code execution from a crafted file (CVE-2025-32434,
+fixed in 2.6.0), and the replication's checkpoints are loaded that way; ``torch.OutOfMemoryError``
+(2.5) is used too. Slicer 5.8 runs Python 3.9, for which the newest PyTorch is 2.8; 5.10 and 5.12 run
+3.12. Downloaded weights are checked against their SHA-256 before any loader sees them; a PyTorch
+checkpoint a user imports is trusted to that unpickler, which PyTorch hardened again in 2.10
+(CVE-2026-24747).
+
+Apple's MPS is used only when asked for and only if a small dilated 3D convolution runs there and
+matches the CPU: some 3D convolutions are missing on MPS (TotalSegmentator turns it off for that
+reason), and this code has never run on a Mac. ``auto`` is CUDA, else the CPU.
+"""
 from __future__ import annotations
+
+import re
 
 import torch
 
 from .errors import DeviceError
 
+MIN_TORCH = (2, 6)
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def torch_version(text: str | None = None) -> tuple[int, int]:
+    """(major, minor) of a PyTorch version string ("2.13.0+cpu" -> (2, 13)); this torch's by default."""
+    numbers = re.findall(r"\d+", (text or torch.__version__).split("+")[0])[:2]
+    return int(numbers[0]), int(numbers[1]) if len(numbers) > 1 else 0
+
+
+def check_torch_version(text: str | None = None) -> None:
+    """Refuse a PyTorch older than :data:`MIN_TORCH` with one sentence saying what to do."""
+    if torch_version(text) < MIN_TORCH:
+        raise DeviceError(f"PyTorch {text or torch.__version__} is older than {MIN_TORCH[0]}.{MIN_TORCH[1]}, the "
+                          "oldest MeshNet Lesion runs with (older ones can run code hidden in a weight file); "
+                          "update it (in Slicer: the PyTorch extension's module, or reinstall through MeshNet Lesion)")
+
+
+def _mps_runs_meshnet() -> str | None:
+    """None if a dilated 3D convolution on MPS matches the CPU's, else why not."""
+    try:
+        x = torch.arange(2 * 9 ** 3, dtype=torch.float32).reshape(1, 2, 9, 9, 9) / 1000
+        weight = torch.linspace(-1, 1, 3 * 2 * 27).reshape(3, 2, 3, 3, 3)
+        expected = torch.nn.functional.conv3d(x, weight, padding=2, dilation=2)
+        found = torch.nn.functional.conv3d(x.to("mps"), weight.to("mps"), padding=2, dilation=2).cpu()
+    except Exception as error:  # noqa: BLE001 - whatever MPS raises, the device is not usable
+        return f"Apple Metal (MPS) cannot run MeshNet's dilated 3D convolutions here ({error})"
+    if not torch.allclose(found, expected, rtol=1e-3, atol=1e-3):
+        return "Apple Metal (MPS) gives wrong results for MeshNet's dilated 3D convolutions here"
+    return None
 
 
 def available_devices() -> dict[str, str | None]:
@@ -19,21 +63,19 @@ def available_devices() -> dict[str, str | None]:
         reasons["cuda"] = "no CUDA GPU is visible to PyTorch"
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
-        reasons["mps"] = None
+        reasons["mps"] = _mps_runs_meshnet()
     else:
         reasons["mps"] = "Apple Metal (MPS) is not available on this machine"
     return reasons
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; an explicit device that is missing is an error."""
+    """``auto`` picks CUDA, else the CPU (never MPS: see the module's text); an explicit device that is missing
+    or cannot run MeshNet is an error."""
     name = (name or "auto").lower()
-    reasons = available_devices()
     if name == "auto":
-        for kind in ("cuda", "mps"):
-            if reasons[kind] is None:
-                return torch.device(kind)
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reasons = available_devices()
     kind = name.split(":")[0]
     if kind not in reasons:
         raise DeviceError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)")

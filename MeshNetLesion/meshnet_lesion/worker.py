@@ -2,22 +2,30 @@
 
 Why a process: Slicer's main thread holds the GIL while its event loop idles, so a network run on a
 thread inside Slicer gets Python time only in the slices the panel's timer hands over; a child
-process runs at the command line's speed, can be stopped at once (terminate), and an out-of-memory
-crash ends the child, not Slicer. The parent writes a request folder, starts
-the child (:func:`command`), reads progress from the child's stdout and, after exit
-code 0, reads the result from the same folder. Arrays travel as ``.npy`` (read with
-``allow_pickle=False``), everything else as JSON.
+process runs at the command line's speed, can be stopped at once, and an out-of-memory crash ends
+the child, not Slicer. The parent writes a request folder, starts the child (:func:`command`),
+reads progress from the child's stdout and, after exit code 0, reads the result from the same
+folder. Arrays travel as ``.npy`` (read with ``allow_pickle=False``), everything else as JSON.
 
-Request: ``volume.npy`` (i, j, k), ``affine.npy``, ``request.json`` (model, device, precision,
-brain_mask, min_lesion_ml, probabilities, registry). Result: ``labels.npy``, ``brain.npy`` and
-``probabilities.npy`` when there are some, ``result.json``. Stdout: lines ``MESHNET-WORKER {json}``
-with one key, ``progress`` [fraction, stage], ``download`` [done, total, name], ``error``
-{kind, message, detail} or ``done``; anything else the child prints is log text.
+Inside Slicer the child is started through ``PythonSlicer``, a launcher that forwards no signal
+(``MeshNetLesionLib.launcher``): the child therefore reports its own process id first, and exits
+by itself when its stdin closes (the parent cancelled, or died).
+
+Request: ``request.json`` with ``action``: ``segment`` (the default: ``volume.npy`` (i, j, k),
+``affine.npy``; model, device, precision, brain_mask, min_lesion_ml, probabilities, registry),
+``import`` (folder, id, title, registry: a model folder into the registry's cache) or ``devices``.
+Result: for ``segment`` ``labels.npy``, ``brain.npy`` and ``probabilities.npy`` when there are
+some, ``result.json``; for the others ``result.json`` alone. Stdout: lines ``MESHNET-WORKER {json}``
+with one key, ``started`` {pid}, ``devices`` {kind: reason or null}, ``progress`` [fraction, stage],
+``download`` [done, total, name], ``error`` {kind, message, detail} or ``done``; anything else the
+child prints is log text.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any
@@ -30,6 +38,8 @@ from .spec import ClassSpec
 from .volume import Volume
 
 PREFIX = "MESHNET-WORKER "
+WATCH_STDIN = "--exit-when-stdin-closes"
+ORPHANED_EXIT = 75   # the exit code of a child whose stdin closed before it finished
 _ARRAYS = ("labels", "brain", "probabilities")
 
 
@@ -42,10 +52,11 @@ def write_request(folder: Path, volume: Volume, request: dict[str, Any]) -> None
 
 def command(python: str, folder: Path, package_root: str) -> list[str]:
     """The child's command line; ``package_root`` (the folder holding ``meshnet_lesion``) goes first on its
-    path, so the child runs the same code as the parent whatever its launcher sets."""
+    path, so the child runs the same code as the parent whatever its launcher sets. The child exits when its
+    stdin closes: the parent starts it with a pipe there and closes it to cancel."""
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from meshnet_lesion.worker import main; "
             "sys.exit(main(sys.argv[2:]))")
-    return [python, "-c", code, package_root, str(folder)]
+    return [python, "-c", code, package_root, str(folder), WATCH_STDIN]
 
 
 def parse_line(line: str) -> tuple[str, Any] | None:
@@ -95,25 +106,71 @@ def _write_result(folder: Path, result: SegmentationResult) -> None:
     (folder / "result.json").write_text(json.dumps(fields), encoding="utf-8")
 
 
-def run(folder: Path) -> None:
-    from .pipeline import Segmenter
+def _exit_when_stdin_closes() -> None:
+    """End this process (at once, from a thread) when stdin reaches its end: the parent closed it or died."""
+    def watch() -> None:
+        try:  # the descriptor, not sys.stdin: a daemon thread blocked in a buffered read aborts interpreter shutdown
+            while os.read(0, 4096):
+                pass
+        except OSError:
+            pass
+        os._exit(ORPHANED_EXIT)
+
+    threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
+
+
+def _registry(request: dict[str, Any]):
     from .registry import Registry
 
-    request = json.loads((folder / "request.json").read_text(encoding="utf-8"))
+    return Registry(**{k: v for k, v in request.get("registry", {}).items() if v is not None})
+
+
+def _segment(folder: Path, request: dict[str, Any]) -> None:
+    from .devices import available_devices
+    from .pipeline import Segmenter
+
     volume = Volume(np.load(folder / "volume.npy", allow_pickle=False),
                     np.load(folder / "affine.npy", allow_pickle=False))
-    registry = Registry(**{k: v for k, v in request.get("registry", {}).items() if v is not None})
-    segmenter = Segmenter(request["model"], registry=registry, device=request["device"],
+    segmenter = Segmenter(request["model"], registry=_registry(request), device=request["device"],
                           precision=request["precision"], brain_mask=request["brain_mask"],
                           min_lesion_ml=request["min_lesion_ml"],
                           download_progress=lambda done, total, name: _send("download", [done, total, name]))
+    _send("devices", available_devices())
     result = segmenter.segment(volume, probabilities=request["probabilities"],
                                progress=lambda fraction, stage: _send("progress", [fraction, stage]))
     _write_result(folder, result)
 
 
+def _import(folder: Path, request: dict[str, Any]) -> None:
+    entry = _registry(request).import_folder(Path(request["folder"]), request.get("id"), request.get("title"))
+    (folder / "result.json").write_text(json.dumps({"id": entry.id, "title": entry.title}), encoding="utf-8")
+
+
+def _devices(folder: Path, request: dict[str, Any]) -> None:
+    from .devices import available_devices
+
+    (folder / "result.json").write_text(json.dumps({"devices": available_devices()}), encoding="utf-8")
+
+
+ACTIONS = {"segment": _segment, "import": _import, "devices": _devices}
+
+
+def run(folder: Path) -> None:
+    from .devices import check_torch_version
+
+    request = json.loads((folder / "request.json").read_text(encoding="utf-8"))
+    action = ACTIONS[request.get("action", "segment")]
+    check_torch_version()
+    action(folder, request)
+
+
 def main(argv: list[str] | None = None) -> int:
-    folder = Path((argv if argv is not None else sys.argv[1:])[0])
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if WATCH_STDIN in argv:
+        argv.remove(WATCH_STDIN)
+        _exit_when_stdin_closes()
+    _send("started", {"pid": os.getpid()})
+    folder = Path(argv[0])
     try:
         run(folder)
     except BaseException as error:  # noqa: BLE001 - everything goes back to the parent

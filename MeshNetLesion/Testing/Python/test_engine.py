@@ -140,7 +140,45 @@ def test_missing_devices_give_clear_errors():
         resolve_device("tpu")
     with pytest.raises(DeviceError, match="fp16"):
         Engine(build_meshnet(3).to_loaded(), "cpu", "fp16")
-    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+
+
+class _FakeMps:
+    """torch.backends.mps on a Mac (never run here): available, whatever its 3D convolutions do."""
+
+    @staticmethod
+    def is_available():
+        return True
+
+
+def test_auto_never_picks_apples_mps_and_an_mps_that_fails_meshnet_is_refused(monkeypatch):
+    """Before: auto picked MPS whenever it was available, unchecked (some 3D convolutions are missing there)."""
+    from meshnet_lesion import devices
+
+    monkeypatch.setattr(torch.backends, "mps", _FakeMps)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # here the probe's conv3d on "mps" fails as it would on an MPS without 3D dilated convolutions
+    assert "cannot run MeshNet" in available_devices()["mps"]
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(DeviceError, match="Apple Metal .MPS. cannot run MeshNet"):
+        resolve_device("mps")
+    monkeypatch.setattr(devices, "_mps_runs_meshnet", lambda: None)   # an MPS that passes the probe
+    assert available_devices()["mps"] is None and resolve_device("mps").type == "mps"
+    assert resolve_device("auto").type == "cpu"   # still only when asked for
+
+
+def test_an_older_torch_than_the_minimum_is_refused_with_what_to_do(monkeypatch, tmp_path):
+    from meshnet_lesion import devices, worker
+
+    assert devices.torch_version("2.13.0+cpu") == (2, 13) and devices.torch_version("2.6") == (2, 6)
+    monkeypatch.setattr(torch, "__version__", "2.4.1+cu121")
+    with pytest.raises(DeviceError, match="older than 2.6.*update it"):
+        devices.check_torch_version()
+    (tmp_path / "request.json").write_text('{"action": "devices"}')
+    lines = []
+    monkeypatch.setattr(worker, "_send", lambda kind, payload=True: lines.append((kind, payload)))
+    assert worker.main([str(tmp_path)]) == 1   # the worker says so before it loads anything
+    assert lines[-1][0] == "error" and "older than 2.6" in lines[-1][1]["message"]
 
 
 def test_out_of_memory_on_gpu_retries_on_cpu(monkeypatch):

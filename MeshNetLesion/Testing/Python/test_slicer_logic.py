@@ -212,11 +212,73 @@ def test_rerun_replaces_only_the_lesion_segment(app, logic, lps_run):
     output.SetReferenceImageGeometryParameterFromVolumeNode(node)
     user_id = output.GetSegmentation().AddEmptySegment("ventricles", "Ventricles", [0.2, 0.4, 1.0])
     logic.segment(node, output, **FAST)
-    logic.segment(node, output, **FAST)
     segmentation = output.GetSegmentation()
+    first_id = _lesion_id(output)
+    logic.segment(node, output, **FAST)
     names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
     assert names == ["Ventricles", "Lesion"]
     assert segmentation.GetSegment(user_id) is not None
+    # the re-run updated the segment in place: its ID (what Segment Statistics tables and scripts name) is kept
+    assert _lesion_id(output) == first_id == "Lesion"
+    assert segmentation.GetNthSegmentID(1) == first_id
+
+
+def test_a_failed_rerun_leaves_the_earlier_lesion_as_it_was(app, logic, lps_run, monkeypatch):
+    node, _, _, _ = lps_run
+    output = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "earlier run")
+    output.CreateDefaultDisplayNodes()
+    logic.segment(node, output, **FAST)
+    lesion_id = _lesion_id(output)
+    before = _export(app, output, lesion_id, node)
+    assert before.any()
+    import MeshNetLesionLib.mrml as mrml
+
+    def failing(*args, **kwargs):   # fails after the import has already replaced the segment's voxels
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(mrml, "_placeInStudy", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        logic.segment(node, output, **{**FAST, "modelId": "t2lesion-meshnet11"})
+    monkeypatch.undo()
+    assert _lesion_id(output) == lesion_id and output.GetSegmentation().GetNumberOfSegments() == 1
+    segment = output.GetSegmentation().GetSegment(lesion_id)
+    assert _tag(segment, SEGMENT_TAG) == FAST["modelId"]
+    assert np.array_equal(_export(app, output, lesion_id, node), before)
+
+
+def test_an_output_segmentation_under_another_transform_gets_the_lesion_in_the_right_place(app, logic, lps_run):
+    """The segmentation sits under a 20 mm shift the input does not have: in world space the lesion must still lie
+    where the input's run put it (before: imported in the input's frame, so shifted by 20 mm)."""
+    node, native_segmentation, _, _ = lps_run
+    shift = np.eye(4)
+    shift[:3, 3] = (20.0, -10.0, 5.0)
+    transform = app.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shift))
+    output = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "under a shift")
+    output.CreateDefaultDisplayNodes()
+    output.SetAndObserveTransformNodeID(transform.GetID())
+    logic.segment(node, output, **FAST)
+    assert output.GetTransformNodeID() == transform.GetID()
+    exported = _export(app, output, _lesion_id(output), node)   # resampled onto the input, transforms applied
+    native = _export(app, native_segmentation, _lesion_id(native_segmentation), node)
+    assert dice(exported > 0, native > 0) > 0.99
+
+
+def test_after_a_run_the_slice_views_show_the_input_and_its_probability(app, logic, lps_run):
+    node, _, _, _ = lps_run
+    views = [app.scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode") for _ in range(2)]
+    job = logic.segmentAsync(node, outputProbability=True, **FAST).wait(timeout=300)
+    assert job.state == "done"
+    logic.showResult(job)
+    probability = job.segmentationNode.GetNodeReference("MeshNetLesion.Probability")
+    for view in views:
+        assert view.GetBackgroundVolumeID() == node.GetID()
+        assert view.GetForegroundVolumeID() == probability.GetID() and 0 < view.GetForegroundOpacity() < 1
+    job = logic.segmentAsync(node, **FAST).wait(timeout=300)   # no probability asked: the foreground is left alone
+    logic.showResult(job)
+    assert views[0].GetForegroundVolumeID() == probability.GetID()
+    for view in views:
+        app.scene.RemoveNode(view)
 
 
 def test_cancel_leaves_the_scene_as_it_was(app, logic, lps_run):
@@ -333,6 +395,7 @@ def test_run_options_are_frozen_and_reach_the_child_with_this_logics_registry(lo
     launch = logic.launch()
     assert launch.python == sys.executable  # headless: this interpreter; in Slicer: PythonSlicer
     assert launch.registry == registry.settings()
+    assert launch.temporaryRoot is None     # headless: the system's; in Slicer: slicer.app.temporaryPath
 
 
 def _drive(job, main_thread, cancel_when=None):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from slicer_code import slicer_code
 
 MODULE_DIR = REPO / "MeshNetLesion"
 MODULE_FILE = MODULE_DIR / "MeshNetLesion.py"
@@ -120,46 +121,6 @@ def test_terminology_file_matches_the_segment_entry():
 def _cmake_list(text: str, variable: str) -> list[str]:
     block = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S).group(1)
     return [line.strip().replace("${MODULE_NAME}", "MeshNetLesion") for line in block.splitlines() if line.strip()]
-
-
-def _module_file(name: str) -> Path | None:
-    for candidate in (MODULE_DIR / f"{name.replace('.', '/')}.py", MODULE_DIR / name.replace(".", "/") / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _imported_names(path: Path, package: str) -> set[str]:
-    """Every module a file imports (at any depth: function-level imports count), plus the package's lazy names."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
-            module = ".".join(base + ([node.module] if node.module else []))
-            names |= {module} | {f"{module}.{alias.name}" for alias in node.names}
-        elif isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_LAZY" for t in node.targets):
-            names |= {f"{package}.{value.value}" for value in node.value.values}  # __init__'s lazy attributes
-    return names
-
-
-def slicer_code() -> set[str]:
-    """The files the panel can reach from MeshNetLesion.py and MeshNetLesionLib, following imports."""
-    todo = ["MeshNetLesion"] + [f"MeshNetLesionLib.{p.stem}" for p in (MODULE_DIR / "MeshNetLesionLib").glob("*.py")]
-    seen: set[Path] = set()
-    while todo:
-        name = todo.pop()
-        path = _module_file(name)
-        if path is None or path in seen:
-            continue
-        seen.add(path)
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for imported in _imported_names(path, package):
-            parts = imported.split(".")
-            todo += [".".join(parts[:k]) for k in range(1, len(parts) + 1)]
-    return {p.relative_to(MODULE_DIR).as_posix() for p in seen}
 
 
 def test_module_cmake_ships_what_the_panel_runs_and_every_bundled_weight():
@@ -283,18 +244,39 @@ def _source(module_tree, class_name: str, method: str) -> str:
     return ast.unparse(_method(module_tree, class_name, method))
 
 
-def test_device_choice_survives_apply(module_tree):
-    """Refilling the device list emits currentIndexChanged; unblocked, it wrote "auto" over the user's choice."""
+def test_device_choice_survives_a_refill_and_devices_come_from_the_child(module_tree):
+    """Refilling the device list emits currentIndexChanged; unblocked, it wrote "auto" over the user's choice.
+    Which devices exist is told by a run's child process (job.devices): Slicer's process never imports torch."""
     populate = _source(module_tree, "MeshNetLesionWidget", "populateDevices")
     assert populate.index("combo.blockSignals(True)") < populate.index("combo.clear()")
     assert populate.index("combo.addItem(") < populate.index("combo.blockSignals(wasBlocked)")
     assert "self._selectData(combo, self._parameterNode.device)" in populate
-    apply = _method(module_tree, "MeshNetLesionWidget", "onApplyButton")
-    calls = [node for node in ast.walk(apply) if isinstance(node, ast.Call)
+    finished = _method(module_tree, "MeshNetLesionWidget", "onJobFinished")
+    calls = [node for node in ast.walk(finished) if isinstance(node, ast.Call)
              and ast.unparse(node.func) == "self.populateDevices"]
-    guards = [node for node in ast.walk(apply) if isinstance(node, ast.If)
-              and ast.unparse(node.test) == "not self._devicesKnown"]
-    assert len(calls) == 1 and guards and calls[0] in list(ast.walk(guards[0]))
+    guards = [node for node in ast.walk(finished) if isinstance(node, ast.If)
+              and ast.unparse(node.test) == "job.devices is not None and (not self._devicesKnown)"]
+    assert len(calls) == 1 and ast.unparse(calls[0].args[0]) == "job.devices"
+    assert guards and calls[0] in list(ast.walk(guards[0]))
+    text = MODULE_FILE.read_text(encoding="utf-8")
+    for probe in ("import torch", 'find_spec("torch")', "deviceChoices", "available_devices"):
+        assert probe not in text, f"the panel probes PyTorch in Slicer's process: {probe}"
+
+
+def test_import_model_installs_first_and_the_panel_says_when_it_installs(module_tree):
+    """Before the first Apply, 'Import model folder…' failed with "No module named 'torch'"."""
+    imports = _source(module_tree, "MeshNetLesionWidget", "onImportModel")
+    assert imports.index("self.ensureDependencies()") < imports.index("self.logic.importModelFolder(folder)")
+    apply = _source(module_tree, "MeshNetLesionWidget", "onApplyButton")
+    assert apply.index("self.ensureDependencies()") < apply.index("self.logic.segmentAsync(")
+    ensure = _source(module_tree, "MeshNetLesionWidget", "ensureDependencies")
+    assert ensure.index("self.ui.statusLabel.text = _('Installing") < ensure.index("slicer.app.processEvents()")
+    assert ensure.index("slicer.app.processEvents()") < ensure.index("ensureDependencies(askConfirmation=True)")
+
+
+def test_a_finished_run_is_shown_in_the_slice_views(module_tree):
+    finished = _source(module_tree, "MeshNetLesionWidget", "onJobFinished")
+    assert "self.logic.showResult(job)" in finished
 
 
 def test_error_dialogs_pass_details_only_when_there_are_some(module_tree):
@@ -331,9 +313,19 @@ def test_setup_loads_the_terminology_and_the_input_default_comes_from_the_logic(
 
 
 def test_self_test_skips_without_dependencies_and_installs_only_when_asked(module_tree):
+    """In --testing mode Slicer's confirmations accept by themselves (slicer.util.messageBox, 5.8): the self-test
+    must not reach the install there."""
     set_up = _source(module_tree, "MeshNetLesionTest", "setUp")
     assert set_up.index("dependenciesMissing()") < set_up.index("self.skipTest(")
-    assert "ensureDependencies(askConfirmation=True)" in _source(module_tree, "MeshNetLesionTest", "runTest")
+    run = _method(module_tree, "MeshNetLesionTest", "runTest")
+    branch = next(node for node in ast.walk(run) if isinstance(node, ast.If)
+                  and ast.unparse(node.test) == "slicer.app.testingEnabled()")
+    assert "ensureDependencies" not in "".join(ast.unparse(n) for n in branch.body)
+    assert "dependenciesMissing()" in "".join(ast.unparse(n) for n in branch.body)
+    assert "ensureDependencies(askConfirmation=True)" in "".join(ast.unparse(n) for n in branch.orelse)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    command = re.search(r"Slicer --no-main-window --testing.*?\n```", readme, re.S)
+    assert command and "slicer.selfTests['MeshNetLesion']()" in command.group(0)   # --testing exits afterwards
 
 
 def test_texts_are_translatable_and_say_license(module_tree):
@@ -373,14 +365,28 @@ def test_requirements_leave_out_what_slicer_ships_and_an_install_failure_is_one_
 
     dialogs = []
     monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: dialogs.append((text, kw)), raising=False)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kw: False, raising=False)
     monkeypatch.setattr(install, "missingPackages", lambda: ["pooch>=1.8"])
 
-    def failing(missing, ask):
-        raise subprocess.CalledProcessError(1, ["pip", "install", *missing])
+    def failing(missing, python=None):
+        raise RuntimeError("pip exited with code 1:\nERROR: No matching distribution found for pooch>=1.8")
 
-    monkeypatch.setattr(install, "_install", failing)
+    monkeypatch.setattr(install, "pipInstall", failing)
     assert install.ensureDependencies(askConfirmation=False) is False
     assert len(dialogs) == 1 and "Could not install pooch>=1.8" in dialogs[0][0] and not dialogs[0][1]
-    monkeypatch.setattr(install, "_install", lambda missing, ask: False)  # the user declined: no dialog
-    assert install.ensureDependencies(askConfirmation=True) is False and len(dialogs) == 1
-    assert install.dependenciesMissing() == ["pooch>=1.8"] or install.dependenciesMissing()[0] == "torch"
+    assert "No matching distribution" in dialogs[0][0]
+    assert install.ensureDependencies(askConfirmation=True) is False and len(dialogs) == 1  # declined: no dialog
+    assert install.dependenciesMissing() == ["pooch>=1.8"] or install.dependenciesMissing()[0].startswith("torch")
+
+
+def test_catalogue_entry_is_short_and_names_contributors_with_their_organisation():
+    text = (REPO / "CMakeLists.txt").read_text()
+    cmake = dict(re.findall(r'set\(EXTENSION_(\w+) "(.*?)"\)', text))
+    sentences = [s for s in re.split(r"(?<=\.)\s+", cmake["DESCRIPTION"]) if s]
+    assert 1 <= len(sentences) <= 2, sentences   # the extension template asks for one or two sentences
+    assert "thread" not in cmake["DESCRIPTION"]
+    for contributor in cmake["CONTRIBUTORS"].split(", "):
+        assert re.fullmatch(r"[^()]+ \([^()]+\)", contributor), contributor   # "Name (Organisation)"
+    module = MODULE_FILE.read_text(encoding="utf-8")
+    listed = re.search(r"self\.parent\.contributors = \[(.*?)\]", module).group(1)
+    assert listed.strip('"') == cmake["CONTRIBUTORS"]
