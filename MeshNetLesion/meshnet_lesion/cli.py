@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -21,15 +22,23 @@ from pathlib import Path
 
 from ._version import __version__
 from .errors import Cancelled, InputError, MeshNetLesionError, OutputError
-from .outputs import OutputSet, atomic_file, check_writable, remove_leftovers
+from .outputs import OutputSet, atomic_file, check_target, check_writable, file_identity, remove_leftovers
 
-EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_BROKEN_PIPE = 2, 130, 141  # 141: as killed by SIGPIPE
+EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_TERMINATED, EXIT_BROKEN_PIPE = 2, 130, 143, 141  # 141, 143: as the signal
 _SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mgz", ".mgh", ".img", ".hdr")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every partial file is removed on the way out."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_joined_values(list(sys.argv[1:] if argv is None else argv)))
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:   # not the main thread (an embedding program): its own signal handling stays
+        previous = None
     try:
         code = args.handler(args)
         sys.stdout.flush()                 # a closed pipe shows here, inside the handler below
@@ -38,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the reader went away (`meshnet-lesion models list | head -3`): stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except Terminated:
+        _error("terminated")
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         _error("cancelled")
         return EXIT_CANCELLED
@@ -47,6 +59,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MeshNetLesionError as error:
         _error(str(error))
         return EXIT_BAD_INPUT
+    except ImportError as error:
+        if "torch" not in f"{error.name} {error}":
+            raise
+        _error(f"PyTorch could not be loaded ({error}). If a memory limit is set (ulimit -v), it is too low for "
+               "PyTorch: raise it or remove it")
+        return EXIT_BAD_INPUT
+    except OSError as error:   # the file system said no where no check of ours did: one line, not a traceback
+        where = f": {error.filename}" if error.filename else ""
+        _error(f"{error.strerror or error}{where}")
+        return EXIT_BAD_INPUT
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _joined_values(argv: list[str]) -> list[str]:
+    """``--shard -1/2`` as ``--shard=-1/2``: argparse takes a value that starts with "-" for an option and says
+    only "expected one argument"; joined, the value reaches the check that says what is wrong with it."""
+    joined = []
+    for token in argv:
+        if joined and joined[-1] == "--shard" and token.startswith("-") and token not in ("-h", "--help"):
+            joined[-1] = f"--shard={token}"
+        else:
+            joined.append(token)
+    return joined
 
 
 def _error(message: str) -> None:
@@ -261,18 +302,9 @@ def _plan(args: argparse.Namespace) -> list[dict[str, Path | None]]:
         check_writable(folder)
     for plan in plans:
         for role, path in plan.items():
-            if role != "input" and path is not None and path.is_dir():
-                raise InputError(f"--{role} names a folder, not a file: {path}")
+            if role != "input" and path is not None:
+                check_target(path, f"--{role}")
     return plans
-
-
-def _identity(path: Path) -> tuple:
-    """What makes two paths the same file: the file itself if it exists (hard links too), else the resolved path."""
-    try:
-        stat = path.stat()
-        return ("file", stat.st_dev, stat.st_ino)
-    except OSError:
-        return ("path", os.path.normcase(os.path.realpath(path)))
 
 
 def _refuse_shared_paths(plans: list[dict[str, Path | None]]) -> None:
@@ -282,7 +314,7 @@ def _refuse_shared_paths(plans: list[dict[str, Path | None]]) -> None:
         for role, path in plan.items():
             if path is None:
                 continue
-            key = _identity(path)
+            key = file_identity(path)
             name = f"the input {path}" if role == "input" else f"--{role} {path}"
             if key in seen:
                 raise InputError(f"{seen[key]} and {name} are the same file; nothing was run, nothing was written")
@@ -393,6 +425,7 @@ def _segment_study(args: argparse.Namespace) -> int:
     scans = cohort.shard_of(found.scans, args.shard)
     if not found.scans:
         raise InputError(f"{source}: no T2w image matches (sub-*/[ses-*/]anat/*_T2w.nii[.gz] and the filters)")
+    cohort.check_outputs(found.scans, args.probseg)   # all of them, whichever shard: before the model loads
     cohort.dataset_description(args.output, source if source.is_dir() else None)
     for image, reason in found.skipped:
         _error_free_note(f"skipped {image}: {reason}", args.quiet)
@@ -405,7 +438,8 @@ def _segment_study(args: argparse.Namespace) -> int:
                "mirror": segmenter.mirror, "crop": not args.no_crop, "precision": args.precision}
     runner = cohort.Cohort(segmenter, args.output, options, probseg=args.probseg, overwrite=args.overwrite)
     tally = runner.run(scans, _StudyProgress(sys.stderr.isatty(), args.quiet))
-    print(f"{tally.total} scan(s): {tally.done} segmented, {tally.skipped} already current, {tally.failed} failed"
+    busy = f", {tally.busy} being segmented by another run" if tally.busy else ""
+    print(f"{tally.total} scan(s): {tally.done} segmented, {tally.skipped} already current{busy}, {tally.failed} failed"
           + (f" (see {args.output / 'logs' / 'failed'})" if tally.failed else ""), file=sys.stderr, flush=True)
     return EXIT_BAD_INPUT if tally.failed else 0
 
@@ -426,13 +460,18 @@ class _StudyProgress:
 
         if self.interactive and not self.quiet:
             figure = (f": {details['lesion_volume_ml']:.1f} mL" if status == "done"
-                      else f": {details['error']}" if status == "failed" else "")
-            print(f"[{tally.done + tally.skipped + tally.failed}/{tally.total}] {status} {scan.label}{figure} · "
+                      else f": {details['error']}" if status == "failed"
+                      else f": being segmented by {details['locked_by']}" if status == "busy" else "")
+            print(f"[{tally.done + tally.skipped + tally.failed + tally.busy}/{tally.total}] {status} {scan.label}"
+                  f"{figure} · "
                   f"{tally.failed} failed, {tally.left} left, {describe_eta(tally.eta())}", file=sys.stderr,
                   flush=True)
         elif not self.interactive:
             record = {"status": status, "input": str(scan.source), "output": str(scan.mask),
-                      "done": tally.done, "skipped": tally.skipped, "failed": tally.failed, "left": tally.left}
+                      "done": tally.done, "skipped": tally.skipped, "failed": tally.failed, "busy": tally.busy,
+                      "left": tally.left}
+            if "locked_by" in details:
+                record["locked_by"] = details["locked_by"]
             if "lesion_volume_ml" in details:
                 record["lesion_volume_ml"] = details["lesion_volume_ml"]
             if "error" in details:
@@ -480,13 +519,19 @@ def _submit(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .cohort_report import collect, summary_lines, write_mosaic, write_tsv
 
+    tsv_path, mosaic_path = args.tsv or args.derivatives / "lesions.tsv", args.mosaic or args.derivatives / "lesions_mosaic.png"
+    for role, path in (("--tsv", tsv_path), ("--mosaic", mosaic_path)):
+        check_target(path, role)
     rows = collect(args.derivatives)
-    tsv = write_tsv(rows, args.tsv or args.derivatives / "lesions.tsv")
-    mosaic = write_mosaic(rows, args.derivatives, args.mosaic or args.derivatives / "lesions_mosaic.png")
+    tsv = write_tsv(rows, tsv_path)
+    mosaic = write_mosaic(rows, args.derivatives, mosaic_path)
     for line in summary_lines(rows):
         print(line)
     print(f"wrote {tsv}" + (f" and {mosaic}" if mosaic else ""))
-    return 0
+    damaged = [row for row in rows if row["status"] == "damaged"]
+    if damaged:   # a label map changed after it was written: the table lists it, and the exit status says so
+        _error(f"{len(damaged)} scan(s) have outputs that changed since they were written; run `segment` again")
+    return EXIT_BAD_INPUT if damaged else 0
 
 
 def _write_outputs(plan, volume, result, segmenter) -> None:

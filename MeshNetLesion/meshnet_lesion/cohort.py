@@ -5,7 +5,11 @@ label map and sidecar already exist, and whose sidecar records the same input (S
 (files' SHA-256) and options, is skipped; each scan's files are published together, the sidecar last,
 so a killed run leaves no partial scan and resumes where it stopped. ``--shard i/N`` (or a Slurm job
 array's ``SLURM_ARRAY_TASK_ID`` / ``SLURM_ARRAY_TASK_COUNT``) takes every N-th scan of the sorted
-list, so N processes together cover each scan exactly once, each loading the model once.
+list, so N processes together cover each scan exactly once, each loading the model once. Two runs
+started on one study share it: each scan is locked while it runs (:func:`scan_lock`), and the
+other run passes over it. The sidecar records each output's SHA-256, so a label map damaged after
+it was written is not taken as current. Before anything runs, no output may be an input or another
+output, nor stand where anything but a regular file is (:func:`check_outputs`).
 
 Why not pybids: it indexes the whole dataset into SQLite (slow on large cohorts, a heavy dependency
 with SQLAlchemy) while this needs only ``sub-*/[ses-*/]anat/*_T2w.nii[.gz]`` and the entities in a
@@ -13,22 +17,24 @@ file name, which BIDS defines exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import importlib.util
 import json
 import os
 import re
+import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .errors import InputError, MeshNetLesionError
-from .outputs import OutputSet, atomic_file, remove_leftovers
+from .errors import InputError, MeshNetLesionError, OutputError
+from .outputs import OutputSet, atomic_file, check_target, file_identity, process_alive, remove_leftovers
 from .registry import sha256_of
 
 BIDS_VERSION = "1.9.0"
@@ -36,6 +42,7 @@ PIPELINE_NAME = "meshnet-lesion"
 # 3D SPACE T2w, what the ARC-trained models saw (ARC's ``acq-spc3p2`` / ``acq-spc3``); preferred over
 # other T2w acquisitions of the same session (ARC's turbo spin echo ``acq-tse3``).
 SPACE_MARKERS = ("spc", "space")
+LOCK_STALE_S = 24 * 3600   # a lock another machine left is honoured this long (its process cannot be asked)
 _ENTITY = re.compile(r"^([a-zA-Z0-9]+)-([a-zA-Z0-9+]+)$")
 _NIFTI = (".nii.gz", ".nii")
 
@@ -146,8 +153,13 @@ def shard_of(scans: Sequence[Scan], shard: str | None, environ: dict[str, str] |
     """Every N-th scan for shard ``i/N`` (0 ≤ i < N), else for this Slurm array task, else all."""
     environ = os.environ if environ is None else environ
     if shard is None and "SLURM_ARRAY_TASK_ID" in environ and "SLURM_ARRAY_TASK_COUNT" in environ:
-        first = int(environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-        shard = f"{int(environ['SLURM_ARRAY_TASK_ID']) - first}/{environ['SLURM_ARRAY_TASK_COUNT']}"
+        values = {key: environ.get(key, "0").strip() for key in
+                  ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN")}
+        bad = [f"{key}='{value}'" for key, value in values.items() if not value.isdigit()]
+        if bad:
+            raise InputError(f"{', '.join(bad)}: Slurm's array variables must be whole numbers (or pass --shard I/N)")
+        first = int(values["SLURM_ARRAY_TASK_MIN"])
+        shard = f"{int(values['SLURM_ARRAY_TASK_ID']) - first}/{values['SLURM_ARRAY_TASK_COUNT']}"
     if shard is None:
         return list(scans)
     match = re.fullmatch(r"(\d+)/(\d+)", shard.strip())
@@ -155,6 +167,25 @@ def shard_of(scans: Sequence[Scan], shard: str | None, environ: dict[str, str] |
         raise InputError(f"--shard '{shard}': use I/N with 0 <= I < N (e.g. 0/4)")
     index, count = int(match.group(1)), int(match.group(2))
     return list(scans[index::count])
+
+
+def check_outputs(scans: Sequence[Scan], probseg: bool) -> None:
+    """Before anything runs: no output is any scan's input or another output (a manifest can say so, through a
+    name, a symbolic or a hard link), and every output path can take a regular file (:func:`.outputs.check_target`).
+    Raises :class:`InputError` naming the first conflict; nothing has been written then."""
+    inputs = {file_identity(scan.source): index for index, scan in enumerate(scans, 1)}
+    seen: dict[tuple, str] = {}
+    for index, scan in enumerate(scans, 1):
+        for role, path in (("label map", scan.mask), ("sidecar", scan.sidecar), ("preview", scan.preview),
+                           *((("probability map", scan.probseg),) if probseg else ())):
+            name = f"scan {index} ({scan.label}): its {role} {path}"
+            key = file_identity(path)
+            if key in inputs:
+                raise InputError(f"{name} is the input of scan {inputs[key]}; nothing was run, nothing was written")
+            if key in seen:
+                raise InputError(f"{name} is also {seen[key]}; nothing was run, nothing was written")
+            seen[key] = f"scan {index}'s {role}"
+            check_target(path, f"scan {index} ({scan.label}): its {role}")
 
 
 def dataset_description(output: Path, source: Path | None) -> None:
@@ -199,12 +230,13 @@ class Tally:
     done: int = 0
     skipped: int = 0
     failed: int = 0
+    busy: int = 0               # being segmented by another run at the same time
     total: int = 0
     seconds: float = 0.0        # spent on the scans that ran
 
     @property
     def left(self) -> int:
-        return self.total - self.done - self.skipped - self.failed
+        return self.total - self.done - self.skipped - self.failed - self.busy
 
     def eta(self) -> float | None:
         ran = self.done + self.failed
@@ -239,45 +271,50 @@ class Cohort:
             recorded = json.loads(scan.sidecar.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return False
-        return recorded.get(PIPELINE_NAME, {}).get("signature") == signature
+        ours = recorded.get(PIPELINE_NAME, {})
+        return ours.get("signature") == signature and not damaged_outputs(scan.sidecar, ours)
 
     def run(self, scans: Sequence[Scan], report: Callable[[str, Scan, Tally, dict], None] | None = None) -> Tally:
-        """Segment each scan not already current; a failed scan is recorded (``logs/failed``) and the rest go on."""
-        from .volume import load_volume
-
+        """Segment each scan not already current; a failed scan is recorded (``logs/failed``) and the rest go on.
+        Raises :class:`InputError` before anything runs if an output path is unusable (:func:`check_outputs`)."""
+        check_outputs(scans, self.probseg)
         remove_leftovers({folder for scan in scans for folder in (scan.mask.parent, scan.preview.parent)})
         tally = Tally(total=len(scans))
         for scan in scans:
             started = time.perf_counter()
-            details: dict[str, Any] = {}
-            try:
-                digest = sha256_of(scan.source)
-                signature = self.signature(digest)
-                if self.is_current(scan, signature):
-                    tally.skipped += 1
-                    status = "skipped"
+            with scan_lock(scan) as holder:
+                if holder is not None:
+                    tally.busy += 1
+                    status, details = "busy", {"locked_by": holder}
                 else:
-                    volume = load_volume(scan.source)
-                    result = self.segmenter.segment(volume, probabilities=self.probseg)
-                    details = self._write(scan, volume, result, signature, digest)
-                    self._forget_failure(scan)
-                    tally.done += 1
-                    status = "done"
-            except MeshNetLesionError as error:
-                details = {"error": str(error)}
-                self._record_failure(scan, str(error))
-                tally.failed += 1
-                status = "failed"
-            except OSError as error:
-                details = {"error": f"{error.strerror or error}: {error.filename or scan.source}"}
-                self._record_failure(scan, details["error"])
-                tally.failed += 1
-                status = "failed"
-            if status != "skipped":
+                    status, details = self._one(scan, tally)
+            if status in ("done", "failed"):
                 tally.seconds += time.perf_counter() - started
             if report is not None:
                 report(status, scan, tally, details)
         return tally
+
+    def _one(self, scan: Scan, tally: Tally) -> tuple[str, dict[str, Any]]:
+        from .volume import load_volume
+
+        try:
+            digest = sha256_of(scan.source)
+            signature = self.signature(digest)
+            if self.is_current(scan, signature):
+                tally.skipped += 1
+                return "skipped", {}
+            volume = load_volume(scan.source)
+            result = self.segmenter.segment(volume, probabilities=self.probseg)
+            details = self._write(scan, volume, result, signature, digest)
+            self._forget_failure(scan)
+            tally.done += 1
+            return "done", details
+        except (MeshNetLesionError, OSError) as error:
+            message = str(error) if isinstance(error, MeshNetLesionError) else \
+                f"{error.strerror or error}: {error.filename or scan.source}"
+            self._record_failure(scan, message)
+            tally.failed += 1
+            return "failed", {"error": message}
 
     def _write(self, scan: Scan, volume, result, signature: str, input_sha256: str) -> dict[str, Any]:
         from .preview import write_preview
@@ -310,11 +347,16 @@ class Cohort:
         with OutputSet() as outputs:
             for path in (scan.mask, scan.preview, scan.probseg):
                 path.parent.mkdir(parents=True, exist_ok=True)
-            save_volume(outputs.stage(scan.mask), result.labels, result.affine, label=True)
+            written = {scan.mask: outputs.stage(scan.mask)}
+            save_volume(written[scan.mask], result.labels, result.affine, label=True)
             if self.probseg:
-                save_volume(outputs.stage(scan.probseg), result.probabilities.astype("float32"), result.affine)
+                written[scan.probseg] = outputs.stage(scan.probseg)
+                save_volume(written[scan.probseg], result.probabilities.astype("float32"), result.affine)
             if importlib.util.find_spec("matplotlib") is not None:   # the optional [preview] extra
-                write_preview(outputs.stage(scan.preview), volume.array, result.labels, result.affine, title)
+                written[scan.preview] = outputs.stage(scan.preview)
+                write_preview(written[scan.preview], volume.array, result.labels, result.affine, title)
+            ours["outputs_sha256"] = {os.path.relpath(target, scan.sidecar.parent).replace(os.sep, "/"):
+                                      sha256_of(partial) for target, partial in written.items()}
             outputs.stage(scan.sidecar).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
             outputs.commit()                                 # the sidecar last: it marks the scan as done
         return ours
@@ -332,6 +374,64 @@ class Cohort:
 
     def _forget_failure(self, scan: Scan) -> None:
         self._failure_path(scan).unlink(missing_ok=True)
+
+
+def damaged_outputs(sidecar: Path, ours: dict[str, Any]) -> list[str]:
+    """The outputs a sidecar lists whose SHA-256 is no longer the one they were written with (missing, truncated,
+    edited), as paths relative to the sidecar's folder; a sidecar without the list (written before it existed)
+    lists its label map as unverifiable."""
+    recorded = ours.get("outputs_sha256")
+    if not recorded:
+        return [sidecar.name[: -len(".json")] + ".nii.gz (no SHA-256 recorded)"]
+    damaged = []
+    for relative, digest in recorded.items():
+        try:
+            if sha256_of(sidecar.parent / relative) != digest:
+                damaged.append(relative)
+        except OSError:
+            damaged.append(relative)
+    return damaged
+
+
+@contextlib.contextmanager
+def scan_lock(scan: Scan) -> Iterator[str | None]:
+    """Hold ``scan`` for this process while the block runs: yields None, or, when a live run holds it already, who
+    ("pid@host"). A lock whose process has ended is taken over; one from another machine is honoured for
+    :data:`LOCK_STALE_S`."""
+    scan.mask.parent.mkdir(parents=True, exist_ok=True)
+    path = scan.mask.with_name(".lock-" + hashlib.sha1(scan.mask.name.encode()).hexdigest()[:16])
+    me = f"{os.getpid()}@{socket.gethostname()}"
+    for _ in range(3):
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _live_holder(path)
+            if holder is not None:
+                yield holder
+                return
+            path.unlink(missing_ok=True)    # its process is gone
+            continue
+        with os.fdopen(handle, "w", encoding="utf-8") as lock:
+            lock.write(me)
+        try:
+            yield None
+        finally:
+            path.unlink(missing_ok=True)
+        return
+    raise OutputError(f"{scan.label}: cannot take the lock {path}")
+
+
+def _live_holder(path: Path) -> str | None:
+    try:
+        holder, age = path.read_text(encoding="utf-8").strip(), time.time() - path.stat().st_mtime
+    except OSError:
+        return None
+    pid, _, host = holder.partition("@")
+    if not pid.isdigit():   # created this instant, its holder not written yet
+        return (holder or "another run") if age < 10 else None
+    if host and host != socket.gethostname():
+        return holder if age < LOCK_STALE_S else None
+    return holder if process_alive(int(pid)) else None
 
 
 def _stem(path: Path) -> str:

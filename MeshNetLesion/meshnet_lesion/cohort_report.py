@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .cohort import PIPELINE_NAME
+from .cohort import PIPELINE_NAME, damaged_outputs
 from .errors import InputError
 from .outputs import atomic_file
 
@@ -27,10 +27,12 @@ def collect(derivatives: Path) -> list[dict[str, Any]]:
         record = json.loads(sidecar.read_text(encoding="utf-8"))
         ours = record.get(PIPELINE_NAME, {})
         subject, session = _subject_session(sidecar.name)
+        damaged = damaged_outputs(sidecar, ours)
         rows.append({"participant": subject, "session": session,
                      "lesion_ml": ours.get("lesion_volume_ml"), "components": ours.get("lesion_components"),
                      "hemisphere": ours.get("hemisphere"), "brain_ml": ours.get("brain_volume_ml"),
-                     "model": ours.get("model"), "status": ours.get("status", "done"),
+                     "model": ours.get("model"), "status": "damaged" if damaged else ours.get("status", "done"),
+                     "error": f"changed since it was written: {', '.join(damaged)}" if damaged else "",
                      "seconds": ours.get("timings_s", {}).get("total"),
                      "input": (record.get("RawSources") or [""])[0],
                      "output": str(sidecar.with_name(sidecar.name[:-len(".json")] + ".nii.gz")
@@ -56,8 +58,9 @@ def write_tsv(rows: list[dict[str, Any]], path: Path) -> Path:
 def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
     done = [row for row in rows if row["status"] == "done"]
     failed = [row for row in rows if row["status"] == "failed"]
+    damaged = [row for row in rows if row["status"] == "damaged"]
     lines = [f"{len(rows)} scan(s) from {len({row['participant'] for row in rows})} participant(s): "
-             f"{len(done)} segmented, {len(failed)} failed"]
+             f"{len(done)} segmented, {len(failed)} failed" + (f", {len(damaged)} damaged" if damaged else "")]
     volumes = sorted(row["lesion_ml"] for row in done if row.get("lesion_ml") is not None)
     if volumes:
         quartiles = statistics.quantiles(volumes, n=4) if len(volumes) > 1 else [volumes[0]] * 3
@@ -69,13 +72,13 @@ def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
     seconds = [row["seconds"] for row in done if row.get("seconds") is not None]
     if seconds:
         lines.append(f"time per scan: median {statistics.median(seconds):.1f} s")
-    lines += [f"failed: {row['input']}: {row.get('error', '')}" for row in failed]
+    lines += [f"{row['status']}: {row['input']}: {row.get('error', '')}" for row in failed + damaged]
     return lines
 
 
 def write_mosaic(rows: list[dict[str, Any]], derivatives: Path, path: Path) -> Path | None:
     """The per-scan previews in a grid, each titled with its scan and lesion volume (None: no previews)."""
-    tiles = [row for row in rows if row.get("preview")]
+    tiles = [row for row in rows if row.get("preview") and row["status"] == "done"]
     if not tiles:
         return None
     import matplotlib

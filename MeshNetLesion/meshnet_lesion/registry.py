@@ -83,6 +83,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "meshnet-lesion"
 
 
+def _make_cache_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ModelError(f"cannot write to the model cache {folder}: {error.strerror or error}; set {CACHE_ENV} to a "
+                         "folder you can write to") from None
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -92,7 +100,10 @@ def sha256_of(path: Path) -> str:
 
 
 class Registry:
-    """Model and sample entries, and where their files are on this machine."""
+    """Model and sample entries, and where their files are on this machine.
+
+    ``mirror``: a folder searched for the files before any download; None takes ``MESHNET_LESION_MIRROR``, ""
+    means none. A mirror that is not a folder is an error when it is first searched."""
 
     def __init__(self, registry_path: Path | None = None, cache_dir: Path | None = None,
                  mirror: Path | str | None = None) -> None:
@@ -212,8 +223,12 @@ class Registry:
         return self._hash_memo[key]
 
     def _from_mirror(self, file: FileEntry) -> Path | None:
-        if self.mirror is None or not self.mirror.is_dir():
+        if self.mirror is None:
             return None
+        if not self.mirror.is_dir():
+            kind = "a file" if self.mirror.exists() else "missing"
+            raise ModelError(f"{MIRROR_ENV} names {self.mirror}, which is {kind}, not a folder: point it at the "
+                             "folder holding the model files, or unset it to download them")
         if self._mirror_index is None:
             self._mirror_index = _index_folder(self.mirror)
         for candidate in self._mirror_index.get(file.name, []):
@@ -295,7 +310,7 @@ class Registry:
         import pooch
 
         target = self._cached_path(entry, file)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        _make_cache_folder(target.parent)
         remove_leftovers([target.parent])
         staging = partial_path(target.with_name("download"))   # pooch's own temporary file goes in here
         bar: Any = _CallbackBar(progress, file.name) if progress else False
@@ -359,7 +374,7 @@ class Registry:
                              f"(meshnet-lesion models remove {entry_id})")
         if destination.exists():
             raise ModelError(f"a model with id '{entry_id}' is already imported; remove it first")
-        destination.parent.mkdir(parents=True, exist_ok=True)
+        _make_cache_folder(destination.parent)
         remove_leftovers([destination.parent])
         staging = partial_path(destination)
         staging.mkdir()

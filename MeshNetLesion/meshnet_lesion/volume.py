@@ -6,7 +6,11 @@ Every front end converts to this before anything else happens: files through :fu
 """
 from __future__ import annotations
 
+import errno
+import gzip
 import os
+import stat
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,24 +93,96 @@ def validate(volume: Volume, name: str = "input") -> None:
         raise InputError(f"{name} is constant (every voxel is {lo}); there is nothing to segment")
 
 
-def load_volume(path: str | os.PathLike) -> Volume:
-    """Read a 3D scalar image; a trailing 4th dimension of length 1 is dropped."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"no such file: {path}")
+def check_readable(path: Path, what: str = "") -> None:
+    """Raise :class:`InputError` naming the problem unless ``path`` is a regular file this process can open: no such
+    file, a dangling link or a link loop, permission denied, a folder, a FIFO or a device (reading a FIFO would
+    block forever)."""
+    label = f"{what} {path}".strip()
     try:
-        if path.name.lower().endswith(_NRRD_SUFFIXES):
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        dangling = os.path.lexists(path)
+        raise InputError(f"{label}: " + ("a symbolic link to a missing file" if dangling else "no such file")) from None
+    except PermissionError:
+        raise InputError(f"{label}: permission denied (a folder on the way cannot be entered)") from None
+    except OSError as error:
+        reason = "a symbolic link loop" if error.errno == errno.ELOOP else (error.strerror or str(error))
+        raise InputError(f"{label}: {reason}") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise InputError(f"{label} is {kind}, not a file")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise InputError(f"{label}: permission denied") from None
+    except OSError as error:
+        raise InputError(f"{label}: {error.strerror or error}") from None
+
+
+def verify_gzip(path: Path) -> None:
+    """Read a gzip stream to its end so that its CRC and length are checked: readers stop at the last voxel and
+    never see a damaged trailer, which is how a file altered after compression goes unnoticed."""
+    with open(path, "rb") as handle:
+        if handle.read(2) != b"\x1f\x8b":
+            raise InputError(f"cannot read {path.name}: not gzip-compressed, though its name says so")
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 22):
+                pass
+    except (OSError, EOFError, zlib.error) as error:
+        raise InputError(f"cannot read {path.name}: the file is damaged, its gzip stream fails its integrity check "
+                         f"({error})") from None
+
+
+def load_volume(path: str | os.PathLike) -> Volume:
+    """Read a 3D scalar image; a trailing 4th dimension of length 1 is dropped. The file (and a detached data file
+    or image pair) must be a regular, readable file, and a gzip-compressed one must pass its integrity check."""
+    path = Path(path)
+    check_readable(path)
+    name = path.name.lower()
+    for companion in _companions(path):
+        check_readable(companion, f"{path.name}'s data file")
+    try:
+        if name.endswith(_NRRD_SUFFIXES):
             volume = _load_nrrd(path)
         else:
+            if name.endswith((".gz", ".mgz")):
+                verify_gzip(path)
             volume = _load_nibabel(path)
     except InputError:
         raise
+    except PermissionError as error:
+        raise InputError(f"cannot read {path.name}: permission denied ({error.filename})") from error
     except Exception as error:  # nibabel/pynrrd raise many types for unreadable files
         raise InputError(f"cannot read {path.name}: {error}") from error
     array = volume.array
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
     return Volume(array, volume.affine)
+
+
+def _companions(path: Path) -> list[Path]:
+    """The other files a reader will open: an Analyze/NIfTI pair's other half, a detached NRRD's data file."""
+    name = path.name.lower()
+    if name.endswith((".hdr", ".img")):
+        return [path.with_suffix(".img" if name.endswith(".hdr") else ".hdr")]
+    if name.endswith(".nhdr"):
+        import nrrd
+
+        try:
+            header = nrrd.read_header(str(path))
+        except Exception as error:  # noqa: BLE001 - pynrrd raises many types
+            raise InputError(f"cannot read {path.name}: {error}") from error
+        data = header.get("data file", header.get("datafile"))
+        if data is None:
+            return []
+        if str(data).split()[0].upper() == "LIST" or "%" in str(data):
+            raise InputError(f"{path.name}: NRRD headers naming several data files are not supported")
+        data = Path(data)
+        return [data if data.is_absolute() else path.parent / data]
+    return []
 
 
 def _load_nibabel(path: Path) -> Volume:

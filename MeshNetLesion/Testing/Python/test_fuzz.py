@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
 import zipfile
 from pathlib import Path
 
@@ -256,3 +257,114 @@ def test_mutated_checkpoints_are_refused_and_never_run_pickled_code(seeds, tmp_p
         assert not marker.exists()
 
     whole()
+
+
+# ------------------------------------------------------------------ outputs: nothing but a regular file is replaced
+HAZARDS = ("an input", "another input", "a FIFO", "a link to an input", "a link to another file", "a dangling link",
+           "/dev/null", "a folder")
+MODES = ("single -o", "single --report", "single --probabilities", "single --preview", "batch -o", "manifest",
+         "bids", "report --tsv")
+
+
+def _place_hazard(folder: Path, hazard: str, target: Path, inputs: list[Path]) -> Path:
+    """Make ``target`` the hazard (or, where the hazard is a path of its own, return that path)."""
+    if hazard == "an input":
+        return inputs[0]
+    if hazard == "another input":
+        return inputs[-1]
+    if hazard == "/dev/null":
+        return Path("/dev/null")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if hazard == "a FIFO":
+        os.mkfifo(target)
+    elif hazard == "a link to an input":
+        target.symlink_to(inputs[0])
+    elif hazard == "a link to another file":
+        (folder / "precious.txt").write_text("keep me")
+        target.symlink_to(folder / "precious.txt")
+    elif hazard == "a dangling link":
+        target.symlink_to(folder / "nowhere")
+    else:
+        target.mkdir()
+    return target
+
+
+def _snapshot(folder: Path) -> dict[str, tuple]:
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        mode = os.lstat(path).st_mode
+        found[str(path)] = (stat.S_IFMT(mode), path.read_bytes() if stat.S_ISREG(mode) else
+                            os.readlink(path) if stat.S_ISLNK(mode) else None)
+    return found
+
+
+def _meaningful(mode: str, hazard: str) -> bool:
+    """Replacing a regular file that is no input is what an output does; the report reads no scans; a batch's
+    output names are its own (no /dev/null among them)."""
+    return not ((mode.startswith("single") and hazard == "another input")
+                or (mode == "report --tsv" and hazard in ("an input", "another input"))
+                or (mode == "batch -o" and hazard == "/dev/null"))
+
+
+@pytest.mark.parametrize("mode, hazard", [(m, h) for m in MODES for h in HAZARDS if _meaningful(m, h)])
+def test_no_output_mode_replaces_an_input_or_anything_but_a_regular_file(tmp_path, mode, hazard):
+    """Fault injection over every output mode of the command line and every hazard where an output goes (all of
+    them: the space is small): refused with one line before anything runs, and every file and link as it was (the
+    data-loss cases of the reliability issue). A new output mode belongs in MODES."""
+    from meshnet_lesion import save_volume
+    from meshnet_lesion.cli import main
+
+    TRIED["output hazards"] = TRIED.get("output hazards", 0) + 1
+    folder = tmp_path
+    data = np.zeros((20, 22, 18), np.float32)
+    data[4:16, 4:18, 4:14] = 300.0
+    inputs = [save_volume(folder / name, data, np.eye(4)) for name in ("a.nii.gz", "b.nii.gz")]
+    model = ["--model", "t2lesion-meshnet11", "--device", "cpu", "--no-brain-mask"]
+    if mode.startswith("single"):
+        flag = mode.split()[1]
+        suffix = {"-o": ".nii.gz", "--report": ".json", "--probabilities": ".nii.gz", "--preview": ".png"}[flag]
+        target = _place_hazard(folder, hazard, folder / f"out{suffix}", inputs)
+        outputs = ["-o", target] if flag == "-o" else ["-o", folder / "x.nii.gz", flag, target]
+        argv = ["segment", inputs[0], *outputs, *model]
+    elif mode == "batch -o":
+        results = folder / "results"
+        results.mkdir()
+        if hazard in ("an input", "another input"):   # the second scan lies where the first one's output goes
+            os.replace(inputs[1], results / "a_seg.nii.gz")
+            inputs[1] = results / "a_seg.nii.gz"
+        else:
+            _place_hazard(folder, hazard, results / "b_seg.nii.gz", inputs)
+        argv = ["segment", *inputs, "-o", results, *model]
+    elif mode == "manifest":
+        target = _place_hazard(folder, hazard, folder / "b_out.json", inputs)   # row 2's sidecar (or an input)
+        rows = [("a.nii.gz", "a_out.nii.gz"),
+                ("b.nii.gz", target.name.replace(".json", ".nii.gz") if target.parent == folder else target)]
+        if hazard in ("an input", "another input"):
+            rows[1] = ("b.nii.gz", target.name)
+        manifest = folder / "scans.csv"
+        manifest.write_text("input,output\n" + "".join(f"{i},{o}\n" for i, o in rows))
+        argv = ["segment", manifest, "-o", folder / "deriv", *model]
+    elif mode == "bids":
+        bids = folder / "bids"
+        (bids / "sub-01" / "anat").mkdir(parents=True)
+        os.replace(inputs[0], bids / "sub-01" / "anat" / "sub-01_T2w.nii.gz")
+        inputs[0] = bids / "sub-01" / "anat" / "sub-01_T2w.nii.gz"
+        mask = folder / "deriv" / "sub-01" / "anat" / "sub-01_desc-lesion_mask.nii.gz"
+        if hazard in ("an input", "another input", "/dev/null"):
+            mask.parent.mkdir(parents=True)
+            mask.symlink_to(inputs[0])                              # the derivative is the raw scan
+        else:
+            _place_hazard(folder, hazard, mask, inputs)
+        argv = ["segment", bids, "-o", folder / "deriv", *model]
+    else:
+        derivatives = folder / "deriv"
+        derivatives.mkdir()
+        (derivatives / "dataset_description.json").write_text("{}")
+        target = _place_hazard(folder, hazard, folder / "table.tsv", inputs)
+        argv = ["report", derivatives, "--tsv", target]
+    before = _snapshot(folder)
+    null_before = os.lstat("/dev/null").st_mode
+    code = main([str(a) for a in argv])
+    assert code == 2, (mode, hazard)
+    assert _snapshot(folder) == before, (mode, hazard)
+    assert os.lstat("/dev/null").st_mode == null_before

@@ -115,7 +115,7 @@ def test_unknown_id_lists_known_ones(registry):
 def test_download_verifies_caches_and_is_atomic(tmp_path, http_folder, registry):
     folder, base_url, requests = http_folder
     files = _tissue_files(folder, base_url, registry)
-    local = Registry(_registry_file(tmp_path, files), cache_dir=tmp_path / "cache", mirror=tmp_path / "empty")
+    local = Registry(_registry_file(tmp_path, files), cache_dir=tmp_path / "cache", mirror="")
     assert not local.is_available("tiny")
     progress = []
     paths = local.fetch("tiny", progress=lambda done, total, name: progress.append((done, total, name)))
@@ -140,7 +140,7 @@ def test_wrong_hash_download_leaves_nothing(tmp_path, http_folder, registry):
     folder, base_url, _ = http_folder
     files = _tissue_files(folder, base_url, registry)
     files[1]["sha256"] = "0" * 64
-    local = Registry(_registry_file(tmp_path, files), cache_dir=tmp_path / "cache", mirror=tmp_path / "empty")
+    local = Registry(_registry_file(tmp_path, files), cache_dir=tmp_path / "cache", mirror="")
     with pytest.raises(IntegrityError, match="SHA-256"):
         local.fetch("tiny")
     leftovers = [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()]
@@ -163,7 +163,7 @@ def test_mirror_ignores_a_file_with_the_right_name_but_wrong_hash(tmp_path, http
 
 def test_unreachable_download_is_a_clear_error(tmp_path, registry):
     files = [{"name": "model.json", "sha256": "1" * 64, "url": "http://127.0.0.1:9/model.json"}]
-    local = Registry(_registry_file(tmp_path, files), cache_dir=tmp_path / "cache", mirror=tmp_path / "none")
+    local = Registry(_registry_file(tmp_path, files), cache_dir=tmp_path / "cache", mirror="")
     with pytest.raises(ModelError, match="model.json is not on this machine and could not be downloaded"):
         local.fetch("tiny")
     assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
@@ -204,7 +204,7 @@ def test_import_refuses_a_broken_folder(tmp_path, registry):
 def test_clear_cache_keeps_imports(tmp_path, http_folder, registry):
     folder, base_url, _ = http_folder
     local = Registry(_registry_file(tmp_path, _tissue_files(folder, base_url, registry)),
-                     cache_dir=tmp_path / "cache", mirror=tmp_path / "empty")
+                     cache_dir=tmp_path / "cache", mirror="")
     local.fetch("tiny")
     local.clear_cache()
     assert not (tmp_path / "cache" / "files").exists()

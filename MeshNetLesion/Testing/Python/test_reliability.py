@@ -85,7 +85,7 @@ def test_a_failed_later_write_keeps_the_earlier_result(scan, tmp_path, registry,
 def test_an_output_that_is_a_folder_is_refused_up_front(scan, tmp_path):
     (tmp_path / "r.json").mkdir()
     done = run("segment", scan, "-o", tmp_path / "x.nii.gz", "--report", tmp_path / "r.json", *FAST)
-    assert "names a folder" in one_error_line(done) and not (tmp_path / "x.nii.gz").exists()
+    assert "is a folder, not a regular file" in one_error_line(done) and not (tmp_path / "x.nii.gz").exists()
 
 
 # ------------------------------------------------------------------ 3. an imported model gets stuck

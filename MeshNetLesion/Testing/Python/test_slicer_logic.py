@@ -543,7 +543,7 @@ def test_damaged_download_is_reported_on_the_card_not_deleted(tmp_path, registry
     from meshnet_lesion.registry import Registry
     from MeshNetLesionLib.logic import modelCardHtml
 
-    local = Registry(cache_dir=tmp_path / "cache", mirror=tmp_path / "no-mirror")
+    local = Registry(cache_dir=tmp_path / "cache", mirror="")
     entry = local.get("t2lesion-meshnet11")
     for file in entry.files:  # a downloaded copy, then damaged
         target = local._cached_path(entry, file)
