@@ -2,7 +2,7 @@
 
 The network runs in a child Python (:mod:`meshnet_lesion.worker`; Slicer's ``PythonSlicer`` inside Slicer):
 Slicer's main thread holds the GIL while its event loop idles, so a network on a thread inside
-Slicer ran only in the slices the panel's timer handed over (``benchmarks/slicer_gil.py`` measures
+Slicer ran only in the slices the panel's timer handed over (``lab/benchmarks/slicer_gil.py`` measures
 both); a child process runs at the command line's speed, stops at once on Cancel and takes an
 out-of-memory crash with it instead of Slicer. A light thread here writes the request, starts the
 child (:mod:`.launcher`: through ``PythonSlicer``, which forwards no signal) and relays its progress

@@ -98,7 +98,7 @@ def padded_width(channels: int, device: torch.device) -> int:
 
     CPU: oneDNN's 3D convolution is several times slower below 8 channels and gains from one
     extra channel to reach a multiple of 8 below 24 (e.g. 15 -> 16); padding further costs more
-    arithmetic than it saves (measured with ``benchmarks/conv_widths.py``). GPU: multiples of 8,
+    arithmetic than it saves (measured with ``lab/benchmarks/conv_widths.py``). GPU: multiples of 8,
     the granularity of fp16 tensor cores.
     """
     if device.type != "cpu":

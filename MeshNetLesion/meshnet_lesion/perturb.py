@@ -1,4 +1,4 @@
-"""Realistic changes to a real scan, for measuring how robust a model is (``benchmarks/quality.py``, tests).
+"""Realistic changes to a real scan, for measuring how robust a model is (``lab/benchmarks/quality.py``, tests).
 
 Each function returns a new :class:`~.volume.Volume` (the input is never modified) with what
 scanners, sites and preprocessing tools actually change: skull-stripping and cropping, the

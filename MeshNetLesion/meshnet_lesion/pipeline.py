@@ -37,7 +37,7 @@ from .volume import Volume, left_right_axis, validate
 BRAIN_MODEL_ID = "brainchop-mindgrab"
 # The brain-extraction network runs on the head box plus this margin, as the whole grid would (the
 # engine's ``surround``: background outside the crop, GroupNorm over the whole grid). Against
-# MindGrab on the whole 256³ grid (benchmarks/brain_mask.py, M2265 / T1 sample): Dice 0.994 / 0.995
+# MindGrab on the whole 256³ grid (lab/benchmarks/brain_mask.py, M2265 / T1 sample): Dice 0.994 / 0.995
 # at 0.49 / 0.62 of its time; the lesion model's margin of 32 without surround gave 0.990 / 0.994 at 0.66 / 0.77.
 BRAIN_CROP_MARGIN = 16
 # A model restricted to the brain runs on the brain's box plus this margin, the rest of the grid as

@@ -292,7 +292,7 @@ def test_stored_landmarks_are_those_of_the_reference_scan(registry, arc_volume, 
     """The registry's landmarks are M2265's brain percentiles through each model's own input convention.
 
     M2265 is conformed already, so every grid here is its own voxel lattice and the default run's
-    MindGrab brain mask applies as it is (training/reference_landmarks.py computes the same).
+    MindGrab brain mask applies as it is (lab/training/reference_landmarks.py computes the same).
     """
     from meshnet_lesion.pipeline import model_grid
 

@@ -1,4 +1,4 @@
-"""The default's input handling on the scans people have: the robustness cases of ``benchmarks/quality.py`` with
+"""The default's input handling on the scans people have: the robustness cases of ``lab/benchmarks/quality.py`` with
 margins, run without the default's mirrored pass (``one_pass_segmenter``: the same three models, conform, brain
 mask and standardisation) and compared with the default's result on the unmodified scan.
 

@@ -70,7 +70,7 @@ def test_builtin_entries_and_cards(registry):
         for metric in entry.card["metrics"]:                  # published evaluations name where they were published
             assert metric["source"], (entry.id, metric)
         for figure in entry.card.get("measured", []):         # our own figures name the command that measured them
-            assert "benchmarks/quality.py" in figure["source"], (entry.id, figure)
+            assert "lab/benchmarks/quality.py" in figure["source"], (entry.id, figure)
         assert registry.is_available(entry), entry.id
         for file in entry.files:
             if file.bundled is not None:       # shipped with the extension

@@ -412,7 +412,7 @@ def _drive(job, main_thread, cancel_when=None):
 
 
 def test_under_slicers_gil_the_network_runs_in_a_child_and_gives_the_same_segment(app, logic, lps_run):
-    """The harness holds the GIL between timer ticks as Slicer's Qt event loop does (benchmarks/slicer_gil.py
+    """The harness holds the GIL between timer ticks as Slicer's Qt event loop does (lab/benchmarks/slicer_gil.py
     measures speed with it); here: the run completes in a separate process with the in-process result."""
     from headless_slicer import QtMainThread
 
