@@ -26,6 +26,7 @@ from typing import Any
 import vtk
 
 from meshnet_lesion.progress import Progress, ProgressCallback
+from meshnet_lesion.request import SegmentationRequest
 
 from . import launcher, mrml
 
@@ -39,18 +40,6 @@ _LOG_LINES = 40        # the child's last log lines, kept for an error's details
 # What a child that ended without a word most likely met; the launcher turns a signal into exit code 1.
 KILLED_HINT = ("it was stopped from outside before it finished: most often the computer ran out of memory (close "
                "other programs, or choose a smaller model or the CPU), or it crashed")
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """What a run was asked for (the panel's choices, or the arguments of ``segment``)."""
-
-    modelId: str
-    device: str = "auto"
-    precision: str = "auto"
-    brainMask: bool | None = None        # None: the model's own default
-    minimumLesionMl: float = 0.0
-    outputProbability: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,12 +98,13 @@ def runAction(launch: Launch, request: dict[str, Any], timeout: float = 600.0) -
 class SegmentationJob:
     """One run; the main thread calls :meth:`poll` until it returns True."""
 
-    def __init__(self, scene, launch: Launch, inputVolumeNode, outputSegmentationNode, options: RunOptions) -> None:
+    def __init__(self, scene, launch: Launch, inputVolumeNode, outputSegmentationNode,
+                 request: SegmentationRequest) -> None:
         self.scene = scene
         self.launch = launch
         self.inputVolumeNode = inputVolumeNode
         self.outputSegmentationNode = outputSegmentationNode
-        self.options = options
+        self.request = request
         self.state = "running"            # running | done | failed | cancelled
         self.segmentationNode = None
         self.result = None                # the core's SegmentationResult
@@ -159,11 +149,7 @@ class SegmentationJob:
     def _run(self, folder: Path) -> tuple[str, Any]:
         from meshnet_lesion import worker
 
-        options = self.options
-        worker.write_request(folder, self.volume, {
-            "model": options.modelId, "device": options.device, "precision": options.precision,
-            "brain_mask": options.brainMask, "min_lesion_ml": options.minimumLesionMl,
-            "probabilities": options.outputProbability, "registry": self.launch.registry})
+        worker.write_request(folder, self.volume, {"request": self.request.to_json(), "registry": self.launch.registry})
         self.volume = None  # the child has its copy
         package_root = str(Path(worker.__file__).resolve().parent.parent)
         with self._processLock:
@@ -271,8 +257,8 @@ class SegmentationJob:
         self._progress.report(1 - _WRITE_SHARE, "creating segments")
         try:
             self.segmentationNode = mrml.writeResult(self.scene, self.inputVolumeNode,
-                                                     self.outputSegmentationNode, result, self.options.modelId,
-                                                     self.options.outputProbability)
+                                                     self.outputSegmentationNode, result, self.request.model_id,
+                                                     self.request.probabilities)
             self.result = result
             self.warnings += result.warnings
         except BaseException as error:  # noqa: BLE001

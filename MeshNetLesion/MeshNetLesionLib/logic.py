@@ -16,9 +16,10 @@ from typing import Any
 import slicer
 
 from meshnet_lesion.errors import Cancelled, InputError
+from meshnet_lesion.request import SegmentationRequest
 
 from . import mrml
-from .job import Launch, RunOptions, SegmentationJob, runAction
+from .job import Launch, SegmentationJob, runAction
 from .texts import _
 
 MODULE_NAME = "MeshNetLesion"
@@ -77,7 +78,7 @@ class MeshNetLesionLogic:
 
     def defaultBrainMask(self, modelId: str) -> bool:
         """Whether a model restricts its labels to the brain unless told otherwise (on for lesion models)."""
-        return bool(self.registry.get(modelId).postprocess.get("brain_mask", False))
+        return self.registry.get(modelId).runtime.brain_mask
 
     def modelCard(self, modelId: str) -> dict[str, Any]:
         entry = self.registry.get(modelId)
@@ -112,11 +113,12 @@ class MeshNetLesionLogic:
         """Start a run on a worker thread and return its job (the caller polls it on the main thread)."""
         if self.job is not None and not self.job.finished:
             raise RuntimeError("a segmentation is already running")
-        options = RunOptions(modelId or self.defaultModelId(), device, precision, brainMask, float(minimumLesionMl),
-                             bool(outputProbability))
+        request = SegmentationRequest(modelId or self.defaultModelId(), device=device, precision=precision,
+                                      brain_mask=brainMask, min_lesion_ml=float(minimumLesionMl),
+                                      probabilities=bool(outputProbability))
         if outputSegmentationNode is not None and not outputSegmentationNode.IsA("vtkMRMLSegmentationNode"):
             raise InputError("the output must be a segmentation node")
-        self.job = SegmentationJob(self.scene, self.launch(), inputVolumeNode, outputSegmentationNode, options)
+        self.job = SegmentationJob(self.scene, self.launch(), inputVolumeNode, outputSegmentationNode, request)
         return self.job
 
     def segment(self, inputVolumeNode, outputSegmentationNode=None, modelId: str | None = None,
@@ -138,7 +140,7 @@ class MeshNetLesionLogic:
     def showResult(self, job: SegmentationJob) -> None:
         """After a run: the input in the slice views' background, its probability map (if asked for) over it."""
         probability = None
-        if job.options.outputProbability and job.segmentationNode is not None:
+        if job.request.probabilities and job.segmentationNode is not None:
             probability = job.segmentationNode.GetNodeReference(mrml.PROBABILITY_REFERENCE)
         mrml.showInSliceViews(self.scene, job.inputVolumeNode, probability)
 
@@ -165,6 +167,14 @@ def errorDetails(job: SegmentationJob) -> str | None:
     return "".join(traceback.format_exception(type(job.error), job.error, job.error.__traceback__)) or None
 
 
+def measuredText(measured: dict[str, str] | None) -> str:
+    """The card's own measurements in one line, and the result file in the repository that holds every figure."""
+    if not measured:
+        return ""
+    return _("{summary} (every figure, with its command and machine: {results} in the repository)").format(
+        summary=measured["summary"], results=measured["results"])
+
+
 def modelCardHtml(card: dict[str, Any]) -> str:
     """The model card (:meth:`MeshNetLesionLogic.modelCard`) as the HTML the panel shows."""
     def figures(key: str) -> str:
@@ -181,7 +191,7 @@ def modelCardHtml(card: dict[str, Any]) -> str:
             (_("Task"), card.get("task", "")), (_("Input"), card.get("input", "")),
             (_("Input convention"), card.get("input_convention", "")),
             (_("Trained on"), card.get("training_data", "")), (_("Known metrics"), metricText),
-            (_("Measured by this project"), figures("measured")),
+            (_("Measured by this project"), measuredText(card.get("measured"))),
             (_("License"), card.get("license", "")), (_("Files"), state)]
     text = "".join(f"<b>{name}:</b> {html.escape(str(value))}<br>" for name, value in rows if value)
     if card.get("source"):

@@ -2,7 +2,7 @@
 
 Whether bf16 pays depends on the CPU, the PyTorch build and the network's shapes: on an AMD EPYC
 with AVX-512 BF16, MeshNet-26 runs about 2x faster in bf16 while oneDNN gave MindGrab's 15-channel
-layers no gain until its per-channel arithmetic was vectorised (``engine._rows``). So nothing is
+layers no gain until its per-channel arithmetic was vectorised (``streaming.as_rows``). So nothing is
 assumed: the engine itself runs a small volume in both precisions, and bf16 is chosen only when it
 is clearly faster. The choice is remembered per CPU, PyTorch version, thread count and network
 shape in the user cache (``precision.json``), so the few seconds of measuring are spent once.

@@ -69,9 +69,11 @@ def available_devices() -> dict[str, str | None]:
     return reasons
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """``auto`` picks CUDA, else the CPU (never MPS: see the module's text); an explicit device that is missing
-    or cannot run MeshNet is an error."""
+    or cannot run MeshNet is an error. A ``torch.device`` was resolved already and is returned as it is."""
+    if isinstance(name, torch.device):
+        return name
     name = (name or "auto").lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -29,6 +29,7 @@ from .devices import PRECISIONS, resolve_device, resolve_precision
 from .errors import ModelError, ResourceError
 from .progress import CancelToken, Progress, ProgressCallback
 from .spec import LayerSpec, LoadedModel, ModelSpec
+from .streaming import Tracker, Window, activate_, add_statistics, along_rows, as_rows
 
 # Bytes of one layer's output per streaming step (CPU) and per slab of a GroupNorm layer. Small
 # steps keep the working set in cache and the peak memory low; on a GPU one step is the volume.
@@ -43,8 +44,6 @@ _MKLDNN_CONV = getattr(torch.ops.aten, "mkldnn_convolution", None) if torch.back
 # aten/src/ATen/native/Convolution.cpp. For our thin slabs (8 channels, 10 rows of 256, or the
 # 1-channel input) oneDNN is 3–40× faster, so such pieces call it directly.
 _SLOW_PATH_LIMIT = 20480
-# In-place GELU: not in torch.nn.functional, but an ATen operator (absent from some older builds).
-_GELU_ = getattr(torch.ops.aten, "gelu_", None)
 
 
 def _takes_slow_kernel(piece: torch.Tensor) -> bool:
@@ -232,7 +231,7 @@ class Engine:
                                  background=_Background(surround, torch.zeros(1, device=device, dtype=torch.float64)))
         x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
         x = x.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last_3d)
-        tracker = _Tracker(Progress(progress, cancel), [layer.spec.macs_per_voxel for layer in self._layers],
+        tracker = Tracker(Progress(progress, cancel), [layer.spec.macs_per_voxel for layer in self._layers],
                            volume.shape[0])
         result = None
         for start, stop in self._segments():
@@ -286,7 +285,7 @@ class Engine:
         return out
 
     @staticmethod
-    def _rows(bytes_per_step: int, channels: int, shape: Sequence[int], dtype: torch.dtype) -> int:
+    def _step_rows(bytes_per_step: int, channels: int, shape: Sequence[int], dtype: torch.dtype) -> int:
         depth, height, width = shape
         per_row = channels * height * width * torch.finfo(dtype).bits // 8
         return int(max(1, min(depth, bytes_per_step // max(per_row, 1))))
@@ -308,7 +307,7 @@ class Engine:
     def _background_output(index: int, prepared: _Prepared, value: torch.Tensor, activation: str) -> None:
         """Layer ``index``'s activated output in the background: stored as the shift of its output."""
         value = value.clone()
-        _activate_(value, activation)
+        activate_(value, activation)
         prepared.background.constant = value
         if bool(value.abs().max() > 0):
             prepared.background.shifts[index] = value.to(prepared.weights[index].dtype)
@@ -316,11 +315,11 @@ class Engine:
     @staticmethod
     def _shift_(t: torch.Tensor, index: int, prepared: _Prepared) -> None:
         if prepared.background is not None and index in prepared.background.shifts:
-            _rows(t).sub_(_along_rows(prepared.background.shifts[index], t.shape[-1]))
+            as_rows(t).sub_(along_rows(prepared.background.shifts[index], t.shape[-1]))
 
     # ---------------------------------------------------------------- streamed segments
     def _stream(self, x: torch.Tensor, start: int, stop: int, prepared: _Prepared, probability_classes: list[int],
-                tracker: _Tracker) -> tuple[torch.Tensor | None, tuple | None]:
+                tracker: Tracker) -> tuple[torch.Tensor | None, tuple | None]:
         """Run layers [start, stop) as a wavefront over rows of the first axis.
 
         Layer j computes up to ``step`` new rows once its input holds them plus its padding, and
@@ -339,9 +338,9 @@ class Engine:
         pads = [self._layers[start + j].spec.padding for j in range(count)]
         widest = max(prepared.widths[start:stop])
         budget = STEP_BYTES_CPU if x.device.type == "cpu" else STEP_BYTES_GPU
-        step = self._rows(budget, widest, (depth, height, width), x.dtype)
-        source = _Window.holding(x, pads[0])
-        windows = [_Window(prepared.widths[start + j], pads[j + 1], 2 * pads[j + 1] + step, (depth, height, width), x)
+        step = self._step_rows(budget, widest, (depth, height, width), x.dtype)
+        source = Window.holding(x, pads[0])
+        windows = [Window(prepared.widths[start + j], pads[j + 1], 2 * pads[j + 1] + step, (depth, height, width), x)
                    for j in range(count - 1)]
         out = labels = probabilities = None
         if final:
@@ -370,7 +369,7 @@ class Engine:
                 spec = self._layers[start + j].spec
                 if j < count - 1:
                     y = self._conv_into(piece, start + j, prepared, windows[j].reserve(target - produced[j]))
-                    _activate_(y, spec.activation)
+                    activate_(y, spec.activation)
                     self._shift_(y, start + j, prepared)
                     windows[j].commit(target - produced[j], finished=target == depth)
                 elif final:
@@ -378,7 +377,7 @@ class Engine:
                                    produced[j], target)
                 else:
                     y = self._conv_into(piece, start + j, prepared, out[:, :, produced[j]:target])
-                    _activate_(y, spec.activation)
+                    activate_(y, spec.activation)
                     self._shift_(y, start + j, prepared)
                 if j > 0:
                     windows[j - 1].discard_below(target - pads[j])
@@ -406,7 +405,7 @@ class Engine:
             logits = logits.float()
         else:
             logits = self._conv_into(piece, index, prepared).float().permute(0, 2, 3, 4, 1).reshape(-1, spec.out_channels)
-        _activate_(logits, spec.activation)
+        activate_(logits, spec.activation)
         shape = (hi - lo, *labels.shape[1:])
         if logits.shape[1] == 2:
             margin = logits[:, 1] - logits[:, 0]
@@ -420,7 +419,7 @@ class Engine:
             probabilities[:, lo:hi] = torch.softmax(logits, dim=1)[:, probability_classes].T.reshape(-1, *shape).cpu().numpy()
 
     # ---------------------------------------------------------------- GroupNorm layers (barriers)
-    def _group_norm_layer(self, x: torch.Tensor, index: int, prepared: _Prepared, tracker: _Tracker) -> torch.Tensor:
+    def _group_norm_layer(self, x: torch.Tensor, index: int, prepared: _Prepared, tracker: Tracker) -> torch.Tensor:
         """Whole-volume GroupNorm (one group per channel, no affine): conv + statistics, then normalise."""
         spec = self._layers[index].spec
         depth, height, width = x.shape[2:]
@@ -432,13 +431,13 @@ class Engine:
         out = self._conv(x, index, prepared, spec.padding).contiguous(memory_format=torch.channels_last_3d)
         del x
         budget = SLAB_BYTES_CPU if out.device.type == "cpu" else STEP_BYTES_GPU
-        rows = self._rows(budget, channels, (depth, height, width), out.dtype)
+        rows = self._step_rows(budget, channels, (depth, height, width), out.dtype)
         slabs = [(lo, min(depth, lo + rows)) for lo in range(0, depth, rows)]
         sums = torch.zeros(channels, dtype=torch.float64, device=out.device)
         squares = torch.zeros_like(sums)
         for lo, hi in slabs:
             tracker.check()
-            _add_statistics(out[:, :, lo:hi], sums, squares)
+            add_statistics(out[:, :, lo:hi], sums, squares)
             tracker.advance(index, (hi - lo) / 2)
         count = float(depth * height * width)
         if background is not None:  # the voxels outside the crop, all at the background's value
@@ -450,130 +449,12 @@ class Engine:
         inv_std = torch.rsqrt((squares / count - mean * mean).clamp_min(0.0) + self.spec.norm_eps)
         if background is not None:
             self._background_output(index, prepared, (background - mean) * inv_std, spec.activation)
-        mean_t, inv_t = (_along_rows(v.to(out.dtype), width) for v in (mean, inv_std))
+        mean_t, inv_t = (along_rows(v.to(out.dtype), width) for v in (mean, inv_std))
         for lo, hi in slabs:
             tracker.check()
             piece = out[:, :, lo:hi]
-            _rows(piece).sub_(mean_t).mul_(inv_t)
-            _activate_(piece, spec.activation)
+            as_rows(piece).sub_(mean_t).mul_(inv_t)
+            activate_(piece, spec.activation)
             self._shift_(piece, index, prepared)
             tracker.advance(index, (hi - lo) / 2)
         return out
-
-
-class _Window:
-    """Rows of one layer's output, with ``pad`` zero rows before row 0 and after the last row.
-
-    New rows are written in place at the end of the buffer (:meth:`reserve` / :meth:`commit`);
-    when the buffer is full, the rows still needed move to its front (one copy per ``slack``
-    rows written). A read is always a view.
-    """
-
-    def __init__(self, channels: int, pad: int, needed: int, shape: tuple[int, int, int], like: torch.Tensor) -> None:
-        self.depth, self.pad = shape[0], pad
-        self.capacity = needed + max(needed // 2, 1)
-        self.buffer = torch.empty((1, channels, self.capacity, *shape[1:]), device=like.device, dtype=like.dtype,
-                                  memory_format=torch.channels_last_3d)
-        self.first, self.offset, self.count = -pad, 0, pad
-        self.buffer[:, :, :pad] = 0
-
-    @classmethod
-    def holding(cls, tensor: torch.Tensor, pad: int) -> _Window:
-        """A window over a whole tensor (copied once, with its zero rows)."""
-        window = cls.__new__(cls)
-        window.depth, window.pad = tensor.shape[2], pad
-        window.buffer = F.pad(tensor, (0, 0, 0, 0, pad, pad)).contiguous(memory_format=torch.channels_last_3d) \
-            if pad else tensor
-        window.capacity = window.count = window.depth + 2 * pad
-        window.first, window.offset = -pad, 0
-        return window
-
-    def reserve(self, n: int) -> torch.Tensor:
-        """The buffer view that the next ``n`` rows are written into."""
-        if self.count + n + self.pad > self.capacity:
-            raise RuntimeError("streaming window overflow")  # a bug, not a user error
-        if self.offset + self.count + n + self.pad > self.capacity:
-            # Move the kept rows to the front in pieces no longer than the gap, so that no piece
-            # overlaps its source (one copy, no temporary).
-            gap = self.offset
-            for lo in range(0, self.count, gap):
-                hi = min(lo + gap, self.count)
-                self.buffer[:, :, lo:hi] = self.buffer[:, :, self.offset + lo:self.offset + hi]
-            self.offset = 0
-        return self.buffer[:, :, self.offset + self.count:self.offset + self.count + n]
-
-    def commit(self, n: int, finished: bool) -> None:
-        self.count += n
-        if finished and self.pad:  # the zero rows after the last row
-            self.buffer[:, :, self.offset + self.count:self.offset + self.count + self.pad] = 0
-            self.count += self.pad
-
-    def discard_below(self, row: int) -> None:
-        drop = min(max(0, row - self.first), self.count)
-        self.first += drop
-        self.offset += drop
-        self.count -= drop
-
-    def rows(self, lo: int, hi: int) -> torch.Tensor:
-        if lo < self.first or hi > self.first + self.count:
-            raise RuntimeError("streaming window lacks rows it was asked for")  # a bug, not a user error
-        return self.buffer[:, :, self.offset + lo - self.first:self.offset + hi - self.first]
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """A channels-last (1, C, D, H, W) tensor as a (D·H, W·C) view, for per-channel arithmetic.
-
-    Broadcasting a (C,) vector over the last axis runs vectorised only when that axis is long: on
-    16 or 26 channels in bf16, PyTorch's CPU kernels are about 5x slower than on whole rows (W·C).
-    """
-    return t.permute(0, 2, 3, 4, 1).view(-1, t.shape[-1] * t.shape[1])
-
-
-def _along_rows(per_channel: torch.Tensor, width: int) -> torch.Tensor:
-    """A per-channel vector repeated for each voxel of a row, to go with :func:`_rows`."""
-    return per_channel.reshape(-1).repeat(width)
-
-
-def _add_statistics(y: torch.Tensor, sums: torch.Tensor, squares: torch.Tensor, chunk: int = 2 ** 16) -> None:
-    """Add each channel's sum and sum of squares over a channels-last slab (float64 accumulators).
-
-    Channels-last memory is a (voxels, channels) matrix: two small matrix products give the sums
-    far faster than a strided reduction. Lower precisions are widened to float32 a cache-sized
-    chunk of voxels at a time, not as a whole copy of the slab.
-    """
-    matrix = y.permute(0, 2, 3, 4, 1).reshape(-1, y.shape[1])
-    step = matrix.shape[0] if matrix.dtype == torch.float32 else chunk
-    ones = torch.ones(1, min(step, matrix.shape[0]), device=y.device)
-    for lo in range(0, matrix.shape[0], step):
-        part = matrix[lo:lo + step].float()
-        sums += (ones[:, :part.shape[0]] @ part)[0].double()
-        squares += torch.diagonal(part.T @ part).double()
-
-
-def _activate_(t: torch.Tensor, activation: str) -> None:
-    if activation == "relu":
-        F.relu_(t)
-    elif activation == "elu":
-        F.elu_(t)
-    elif activation == "gelu":
-        if _GELU_ is not None:
-            _GELU_(t)    # 4x faster than gelu + copy back on a 16-channel slab, bit for bit the same
-        else:
-            t.copy_(F.gelu(t))
-
-
-class _Tracker:
-    """Progress as the share of multiply-accumulates done (per layer and rows), and cancellation."""
-
-    def __init__(self, progress: Progress, macs: list[int], depth: int) -> None:
-        self.progress, self.macs = progress, macs
-        self.total = float(sum(macs) * depth)
-        self.done_macs = 0.0
-        self.check = progress.check
-
-    def advance(self, layer: int, rows: float) -> None:
-        self.done_macs += self.macs[layer] * rows
-        self.progress.report(self.done_macs / self.total, f"layer {layer + 1} of {len(self.macs)}")
-
-    def done(self) -> None:
-        self.progress.report(1.0, "network done")

@@ -29,6 +29,7 @@ from .postprocess import brain_region, labels_to_source, lesion_to_source
 from .preprocess import CROP_MARGIN, head_box, normalize, standardize
 from .progress import CancelToken, Progress, ProgressCallback
 from .registry import DownloadProgress, Entry, Registry
+from .request import SegmentationRequest
 from .result import SegmentationResult
 from .spec import InputSpec, LoadedModel, ModelSpec
 from .tiles import run_tiled
@@ -81,6 +82,7 @@ class Segmenter:
         if min_lesion_ml < 0:
             raise InputError("the minimum lesion size cannot be negative")
         started = time.perf_counter()
+        device = resolve_device(device)             # once for the run: every network gets the same device
         self.precision_notes: dict[str, str] = {}   # network -> how ``auto`` chose its precision
         self.engines = [self._engine(member.id, self.registry.load(member, download_progress), device, precision)
                         for member in self.registry.members(self.entry)]
@@ -93,7 +95,8 @@ class Segmenter:
         self.task = self.entry.task or ("lesion" if self.spec.num_classes == 2 else "segmentation")
         if self.task == "lesion" and self.spec.num_classes != 2:
             raise ModelError(f"{self.entry.id}: a lesion model must have 2 classes")
-        self.restrict = bool(self.entry.postprocess.get("brain_mask", False) if brain_mask is None else brain_mask)
+        runtime = self.entry.runtime                            # how the registry says its model runs
+        self.restrict = runtime.brain_mask if brain_mask is None else bool(brain_mask)
         # restricted labels let the networks run on the brain's box (exact only without GroupNorm)
         self.brain_crop = self.restrict and not any(layer.norm == "group" for engine in self.engines
                                                     for layer in engine.spec.layers)
@@ -106,24 +109,28 @@ class Segmenter:
             brain_entry = self.registry.get(BRAIN_MODEL_ID)
             self.brain_engine = self._engine(brain_entry.id, self.registry.load(brain_entry, download_progress),
                                              device, precision)
-        inference = self.entry.card.get("inference", {})       # how the card says its model runs
-        self.mirror = bool(inference.get("mirror", False) if mirror is None else mirror)
+        self.mirror = runtime.mirror if mirror is None else bool(mirror)
         if self.mirror and self.task != "lesion":
             raise ModelError(f"{self.entry.id} is not a lesion model: only a lesion model's pass can be mirrored")
-        tile = inference.get("tile")
-        if tile is not None and (not isinstance(tile, int) or tile < 16):
-            raise ModelError(f"{self.entry.id}: its card's tile edge must be a whole number of voxels ≥ 16, not {tile!r}")
-        self.tile: int | None = tile            # run the networks on tiles of this edge (tiles.py)
+        self.tile: int | None = runtime.tile    # run the networks on tiles of this edge (tiles.py)
         self.min_lesion_ml = float(min_lesion_ml)
-        self.crop_margin = inference.get("crop_margin", CROP_MARGIN) if crop_margin == "auto" else crop_margin
+        if crop_margin == "auto":
+            crop_margin = CROP_MARGIN if runtime.crop_margin == "auto" else runtime.crop_margin
+        self.crop_margin = crop_margin
         self.load_seconds = time.perf_counter() - started
 
-    def _engine(self, name: str, model: LoadedModel, device: str, precision: str) -> Engine:
+    def _engine(self, name: str, model: LoadedModel, device: torch.device, precision: str) -> Engine:
         """An engine for one network; ``auto`` precision is the faster one measured on this CPU (see calibration)."""
         if precision == "auto":
-            precision, self.precision_notes[name] = auto_precision(model, resolve_device(device),
-                                                                   self.registry.cache_dir)
+            precision, self.precision_notes[name] = auto_precision(model, device, self.registry.cache_dir)
         return Engine(model, device, precision)
+
+    @classmethod
+    def for_request(cls, request: SegmentationRequest, registry: Registry | None = None,
+                    download_progress: DownloadProgress | None = None) -> Segmenter:
+        """The Segmenter a :class:`~.request.SegmentationRequest` asks for."""
+        return cls(request.model_id, registry=registry, download_progress=download_progress,
+                   **request.segmenter_options())
 
     @property
     def device(self) -> str:
@@ -274,7 +281,7 @@ class Segmenter:
         labels = np.zeros(SHAPE, labels_in_box.dtype)
         labels[box] = labels_in_box
         stages.check()
-        source_labels = labels_to_source(labels, grid, brain, bool(self.entry.postprocess.get("largest_component", False)))
+        source_labels = labels_to_source(labels, grid, brain, self.entry.runtime.largest_component)
         source_probs = None
         if probabilities:
             source_probs = np.empty((probabilities_in_box.shape[0], *grid.source_shape), np.float32)

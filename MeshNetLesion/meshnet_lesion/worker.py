@@ -12,7 +12,7 @@ Inside Slicer the child is started through ``PythonSlicer``, a launcher that for
 by itself when its stdin closes (the parent cancelled, or died).
 
 Request: ``request.json`` with ``action``: ``segment`` (the default: ``volume.npy`` (i, j, k),
-``affine.npy``; model, device, precision, brain_mask, min_lesion_ml, probabilities, registry),
+``affine.npy``; ``request``, a :class:`~.request.SegmentationRequest` as JSON, and ``registry``),
 ``import`` (folder, id, title, registry: a model folder into the registry's cache) or ``devices``.
 Result: for ``segment`` ``labels.npy``, ``brain.npy`` and ``probabilities.npy`` when there are
 some, ``result.json``; for the others ``result.json`` alone. Stdout: lines ``MESHNET-WORKER {json}``
@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from . import errors
+from .request import SegmentationRequest
 from .result import SegmentationResult
 from .spec import ClassSpec
 from .volume import Volume
@@ -119,34 +120,33 @@ def _exit_when_stdin_closes() -> None:
     threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
 
 
-def _registry(request: dict[str, Any]):
+def _registry(job: dict[str, Any]):
     from .registry import Registry
 
-    return Registry(**{k: v for k, v in request.get("registry", {}).items() if v is not None})
+    return Registry(**{k: v for k, v in job.get("registry", {}).items() if v is not None})
 
 
-def _segment(folder: Path, request: dict[str, Any]) -> None:
+def _segment(folder: Path, job: dict[str, Any]) -> None:
     from .devices import available_devices
     from .pipeline import Segmenter
 
     volume = Volume(np.load(folder / "volume.npy", allow_pickle=False),
                     np.load(folder / "affine.npy", allow_pickle=False))
-    segmenter = Segmenter(request["model"], registry=_registry(request), device=request["device"],
-                          precision=request["precision"], brain_mask=request["brain_mask"],
-                          min_lesion_ml=request["min_lesion_ml"],
-                          download_progress=lambda done, total, name: _send("download", [done, total, name]))
+    wanted = SegmentationRequest.from_json(job["request"])
+    segmenter = Segmenter.for_request(wanted, _registry(job),
+                                      download_progress=lambda done, total, name: _send("download", [done, total, name]))
     _send("devices", available_devices())
-    result = segmenter.segment(volume, probabilities=request["probabilities"],
+    result = segmenter.segment(volume, probabilities=wanted.probabilities,
                                progress=lambda fraction, stage: _send("progress", [fraction, stage]))
     _write_result(folder, result)
 
 
-def _import(folder: Path, request: dict[str, Any]) -> None:
-    entry = _registry(request).import_folder(Path(request["folder"]), request.get("id"), request.get("title"))
+def _import(folder: Path, job: dict[str, Any]) -> None:
+    entry = _registry(job).import_folder(Path(job["folder"]), job.get("id"), job.get("title"))
     (folder / "result.json").write_text(json.dumps({"id": entry.id, "title": entry.title}), encoding="utf-8")
 
 
-def _devices(folder: Path, request: dict[str, Any]) -> None:
+def _devices(folder: Path, job: dict[str, Any]) -> None:
     from .devices import available_devices
 
     (folder / "result.json").write_text(json.dumps({"devices": available_devices()}), encoding="utf-8")
@@ -158,10 +158,10 @@ ACTIONS = {"segment": _segment, "import": _import, "devices": _devices}
 def run(folder: Path) -> None:
     from .devices import check_torch_version
 
-    request = json.loads((folder / "request.json").read_text(encoding="utf-8"))
-    action = ACTIONS[request.get("action", "segment")]
+    job = json.loads((folder / "request.json").read_text(encoding="utf-8"))
+    action = ACTIONS[job.get("action", "segment")]
     check_torch_version()
-    action(folder, request)
+    action(folder, job)
 
 
 def main(argv: list[str] | None = None) -> int:

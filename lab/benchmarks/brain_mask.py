@@ -25,11 +25,11 @@ from meshnet_lesion import load_volume  # noqa: E402
 from meshnet_lesion.devices import cpu_has_native_bf16  # noqa: E402
 from meshnet_lesion.engine import Engine  # noqa: E402
 from meshnet_lesion.machine import describe, machine  # noqa: E402
-from meshnet_lesion.metrics import dice  # noqa: E402
 from meshnet_lesion.pipeline import BRAIN_MODEL_ID, cropped, model_grid  # noqa: E402
 from meshnet_lesion.postprocess import brain_region  # noqa: E402
 from meshnet_lesion.preprocess import head_box, normalize  # noqa: E402
 from meshnet_lesion.registry import Registry  # noqa: E402
+from meshnet_lesion.train.metrics import dice  # noqa: E402
 
 SCANS = ("sample-arc-m2265-t2w", "sample-t1-crop")
 RESULTS = ROOT / "lab" / "benchmarks" / "results" / "brain_mask.json"

@@ -20,7 +20,7 @@ from scipy.spatial.transform import Rotation
 
 from meshnet_lesion import Registry, Segmenter, Volume, load_volume, save_volume
 from meshnet_lesion.conform import conform
-from meshnet_lesion.metrics import dice
+from meshnet_lesion.train.metrics import dice
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 

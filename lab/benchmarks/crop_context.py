@@ -27,12 +27,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from quality import lesion_free_renderings  # noqa: E402  (sets the path and the mirror)
 
-from meshnet_lesion import Registry, Segmenter, load_volume, perturb, synth  # noqa: E402
-from meshnet_lesion.distill import lesion_box, network_input, teacher_view  # noqa: E402
+from meshnet_lesion import Registry, Segmenter, load_volume  # noqa: E402
 from meshnet_lesion.machine import describe, machine  # noqa: E402
-from meshnet_lesion.metrics import dice  # noqa: E402
-from meshnet_lesion.model import MeshNet  # noqa: E402
 from meshnet_lesion.tiles import tile_layout  # noqa: E402
+from meshnet_lesion.train import perturb, synth  # noqa: E402
+from meshnet_lesion.train.distill import lesion_box, network_input, teacher_view  # noqa: E402
+from meshnet_lesion.train.metrics import dice  # noqa: E402
+from meshnet_lesion.train.model import MeshNet  # noqa: E402
 
 STUDENTS = ("meshnet16-arc26", "meshnet5-arc26")
 TEACHER_CACHE = ROOT / "lab" / "training" / ".work" / "teacher"

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "MeshNetLesion"))
 
 from meshnet_lesion import Registry, Segmenter, load_volume  # noqa: E402
 from meshnet_lesion.machine import describe, machine  # noqa: E402
-from meshnet_lesion.metrics import dice  # noqa: E402
+from meshnet_lesion.train.metrics import dice  # noqa: E402
 
 
 def compare(folder: Path, image: Path) -> dict:

@@ -26,9 +26,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from quality import lesion_free_renderings, segmenter_for  # noqa: E402  (sets the path and the mirror)
 
-from meshnet_lesion import Registry, load_volume, synth  # noqa: E402
+from meshnet_lesion import Registry, load_volume  # noqa: E402
 from meshnet_lesion.machine import describe, machine  # noqa: E402
 from meshnet_lesion.result import place  # noqa: E402
+from meshnet_lesion.train import synth  # noqa: E402
 
 RESULTS = ROOT / "lab" / "benchmarks" / "results" / "false_lesion.json"
 TISSUE_NAMES = ("background", "CSF", "cortex", "white matter", "deep grey", "pallidum", "cerebellar grey",

@@ -66,7 +66,8 @@ def _loaded_model(variant: str):
     """The variant as a LoadedModel: random MeshNet-X (seed 0) or the shipped ARC-trained weights."""
     import torch
 
-    from meshnet_lesion import Registry, build_meshnet
+    from meshnet_lesion import Registry
+    from meshnet_lesion.train.model import build_meshnet
     if variant.startswith("meshnet-"):
         torch.manual_seed(0)
         return build_meshnet(int(variant.split("-")[1])).eval().to_loaded()
@@ -118,7 +119,7 @@ def _naive_module(loaded):
     """A plain nn.Sequential of Conv3d / BatchNorm3d / ReLU holding the same weights."""
     from torch import nn
 
-    from meshnet_lesion import MeshNet
+    from meshnet_lesion.train.model import MeshNet
     blocks = MeshNet.from_loaded(loaded).layers
     return nn.Sequential(*(m for b in blocks for m in (b.conv, b.norm, b.act) if not isinstance(m, nn.Identity)))
 
@@ -132,11 +133,12 @@ def work_network(task: dict) -> dict:
     import numpy as np
     import torch
 
-    from meshnet_lesion import MeshNet, load_volume
+    from meshnet_lesion import load_volume
     from meshnet_lesion.conform import conform
     from meshnet_lesion.engine import Engine
     from meshnet_lesion.postprocess import lesion_to_source
     from meshnet_lesion.preprocess import normalize
+    from meshnet_lesion.train.model import MeshNet
 
     device, size = task["device"], task["size"]
     loaded = _loaded_model(task["variant"])
@@ -185,7 +187,8 @@ def work_pipeline(task: dict) -> dict:
     import numpy as np
     import torch
 
-    from meshnet_lesion import Registry, Segmenter, build_meshnet, load_volume
+    from meshnet_lesion import Registry, Segmenter, load_volume
+    from meshnet_lesion.train.model import build_meshnet
 
     variant, registry = task["variant"], Registry()
     with tempfile.TemporaryDirectory() as tmp:
@@ -340,7 +343,7 @@ class Bench:
         plain-PyTorch MeshNet-26 on the whole grid without any brain mask (the goal's yardstick)."""
         import numpy as np
 
-        from meshnet_lesion.metrics import dice
+        from meshnet_lesion.train.metrics import dice
 
         rows = {}
         for model in PIPELINE_MODELS:
@@ -362,7 +365,7 @@ class Bench:
     def meshnet(self) -> None:
         import numpy as np
 
-        from meshnet_lesion.metrics import dice
+        from meshnet_lesion.train.metrics import dice
         size, rows = self.args.size, {}
         peak = self.results["peak"]
         bf16 = self.device != "cpu" or peak["native_bf16"]

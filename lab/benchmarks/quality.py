@@ -11,7 +11,7 @@ mask, standardisation, restriction, back to the source grid). For each model:
   voxels that changed side against the same model's lesion on the unmodified scan, on the original grid
   (Dice counts the same changed voxels more on a smaller lesion);
 - **false positives**: M2265 with its lesioned hemisphere replaced by the mirrored healthy one, and
-  lesion-free synthetic renderings (``meshnet_lesion.synth``, label head of t1_crop) with a random
+  lesion-free synthetic renderings (``meshnet_lesion.train.synth``, label head of t1_crop) with a random
   T2-like contrast (as for training) and with M2265's own contrast (``synth.measured_contrast``):
   lesion mL found;
 - **synthetic held-out set**: held-out SOOP lesions painted into M2265 (its own lesion, as all models
@@ -48,10 +48,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "MeshNetLesion"))
 os.environ.setdefault("MESHNET_LESION_MIRROR", str(ROOT.parent / "shared" / "data"))
 
-from meshnet_lesion import Registry, Segmenter, Volume, load_volume, perturb, synth  # noqa: E402
-from meshnet_lesion.dataset import IGNORE  # noqa: E402
+from meshnet_lesion import Registry, Segmenter, Volume, load_volume  # noqa: E402
 from meshnet_lesion.machine import describe, machine  # noqa: E402
-from meshnet_lesion.metrics import average_volume_difference, dice, matthews  # noqa: E402
+from meshnet_lesion.train import perturb, synth  # noqa: E402
+from meshnet_lesion.train.dataset import IGNORE  # noqa: E402
+from meshnet_lesion.train.metrics import average_volume_difference, dice, matthews  # noqa: E402
 
 MODELS = ("arc-meshnet26", "arc-meshnet26-r0", "brainchop-arc-meshnet11", "t2lesion-meshnet11")
 WORK = ROOT / "lab" / "benchmarks" / ".work" / "quality"

@@ -15,8 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MeshNetLesion"))
 from meshnet_lesion.machine import describe, machine  # noqa: E402
-from meshnet_lesion.model import build_meshnet  # noqa: E402
-from meshnet_lesion.training import TrainConfig, make_loss, make_optimizer  # noqa: E402
+from meshnet_lesion.train.model import build_meshnet  # noqa: E402
+from meshnet_lesion.train.training import TrainConfig, make_loss, make_optimizer  # noqa: E402
 
 
 def step_seconds(channels: int, edge: int, steps: int = 3) -> float:

@@ -20,11 +20,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "MeshNetLesion"), str(ROOT / "benchmarks")]
 
 from meshnet_lesion import Segmenter, load_volume  # noqa: E402
-from meshnet_lesion.distill import STATE_METADATA_KEY, student  # noqa: E402
 from meshnet_lesion.machine import describe, machine  # noqa: E402
-from meshnet_lesion.metrics import dice  # noqa: E402
-from meshnet_lesion.model import MeshNet  # noqa: E402
 from meshnet_lesion.registry import Registry  # noqa: E402
+from meshnet_lesion.train.distill import STATE_METADATA_KEY, student  # noqa: E402
+from meshnet_lesion.train.metrics import dice  # noqa: E402
+from meshnet_lesion.train.model import MeshNet  # noqa: E402
 
 
 def student_from_state(path: Path, teacher: Segmenter) -> tuple[MeshNet, dict]:
@@ -56,7 +56,7 @@ def main() -> None:
         folder.mkdir()
         model.save(folder / "model.safetensors")
         private = Registry(cache_dir=Path(tmp) / "cache")
-        private.import_folder(folder, "student", card={"postprocess": teacher.entry.postprocess})
+        private.import_folder(folder, "student", card={"postprocess": teacher.entry.runtime.as_record()["postprocess"]})
         student = Segmenter("student", registry=private)
         started = time.perf_counter()
         result = student.segment(volume)

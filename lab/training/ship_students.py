@@ -26,17 +26,17 @@ sys.path.insert(0, str(ROOT / "MeshNetLesion"))
 
 from safetensors import safe_open  # noqa: E402
 
-from meshnet_lesion.distill import BIAS_FIELD, GAMMA  # noqa: E402
 from meshnet_lesion.machine import describe  # noqa: E402
 from meshnet_lesion.registry import BUILTIN_REGISTRY, sha256_of  # noqa: E402
+from meshnet_lesion.train.distill import BIAS_FIELD, GAMMA  # noqa: E402
 
-RUNS = ROOT / "lab" / "training" / "distill"
+RUNS = ROOT / "lab" / "training" / "runs"
 WEIGHTS = BUILTIN_REGISTRY.parent / "weights"
 SOOP = ("SOOP lesion masks (Stroke Outcome Optimization Project, OpenNeuro ds004889, CC0; "
         "github.com/neurolabusc/StrokeOutcomeOptimizationProjectDemo)")
 
 
-def entry(student_id: str, registry: dict, quality: dict | None, report: Path | None = None,
+def entry(student_id: str, registry: dict,
           run_name: str | None = None, tiled: bool = False) -> dict:
     run_name = run_name or student_id
     source = next(path for path in (RUNS / f"{run_name}-rendered.safetensors", RUNS / f"{run_name}.safetensors")
@@ -102,8 +102,6 @@ def entry(student_id: str, registry: dict, quality: dict | None, report: Path | 
             "steps", "renderings", "seconds")} | {key: tuned[key] for key in ("gamma", "bias_field") if key in tuned}
             | {"from": run["initial"]["sha256"]}}),
     }
-    if quality is not None:
-        card["measured"] = measured(student_id, run["teacher"], quality, report)
     return card
 
 
@@ -138,7 +136,7 @@ def _duration(seconds: float) -> str:
 
 def measured(student_id: str, teacher_id: str, quality: dict, report: Path) -> list[dict]:
     """The suite's figures for the student, each beside its teacher's from the same run of
-    lab/benchmarks/quality.py, as the card's ``measured`` items (name, value, source)."""
+    lab/benchmarks/quality.py, as the items of its card's result file (name, value, source)."""
     rows = quality["models"]
     student, teacher = rows[student_id], rows[teacher_id]
     source = (f"{quality['command']}, {quality.get('date', 'date not recorded')}, "
@@ -166,6 +164,20 @@ def measured(student_id: str, teacher_id: str, quality: dict, report: Path) -> l
     return [{"name": name, "value": value, "source": source} for name, value in items]
 
 
+def summary(student_id: str, teacher_id: str, quality: dict) -> str:
+    """The card's one line about those figures (the panel and ``models show`` print it)."""
+    student, teacher = quality["models"][student_id], quality["models"][teacher_id]
+    cases = [case for case, figures in student.items() if isinstance(figures, dict) and "dice" in figures
+             and case in teacher and case != "synthetic held-out"]
+    kept = sum(round(student[case]["dice"], 3) >= round(teacher[case]["dice"], 3) for case in cases)
+    healthy = student.get("mirrored healthy hemisphere", {}).get("false_positive_ml")
+    return (f"M2265: {student['original']['lesion_ml']:.1f} mL (teacher {teacher['original']['lesion_ml']:.1f} mL)"
+            + (f", Dice {student['dice_vs_teacher']:.3f} against its teacher" if "dice_vs_teacher" in student else "")
+            + f"; {kept} of {len(cases)} robustness cases at or above the teacher's"
+            + ("" if healthy is None else f"; mirrored healthy hemisphere {healthy:.2f} mL")
+            + f"; {student['original']['seconds']:.0f} s on the CPU (teacher {teacher['original']['seconds']:.0f} s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--students", default="meshnet16-arc26,meshnet5-arc26",
@@ -180,14 +192,21 @@ def main() -> None:
         parser.error(f"--tiled names students not shipped here: {sorted(tiled)}")
     for named in args.students.split(","):
         student_id, _, run_name = named.partition("=")
-        card = entry(student_id, registry, quality, args.quality, run_name or None, student_id in tiled)
+        card = entry(student_id, registry, run_name or None, student_id in tiled)
         previous = next((m for m in registry["models"] if m["id"] == student_id), {})
-        made = card.get("measured", [])
+        made = measured(student_id, card["distillation"]["teacher"], quality, args.quality) if quality else []
+        results = ROOT / "lab" / "benchmarks" / "results" / "cards" / f"{student_id}.json"
+        earlier = json.loads(results.read_text(encoding="utf-8"))["figures"] if results.is_file() else []
         same_weights = [f["sha256"] for f in previous.get("files", [])] == [f["sha256"] for f in card["files"]]
-        kept = [item for item in previous.get("measured", []) if same_weights     # other benchmarks' figures
+        kept = [item for item in earlier if same_weights     # other benchmarks' figures
                 and item["source"] not in {i["source"] for i in made} and item["name"] not in {i["name"] for i in made}]
         if made or kept:
-            card["measured"] = made + kept
+            results.write_text(json.dumps({"model": student_id, "about": "the figures this project measured for the "
+                                           "model's card, each with the command, date and machine that measured it",
+                                           "figures": made + kept}, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+            card["measured"] = {"summary": summary(student_id, card["distillation"]["teacher"], quality) if made
+                                else previous.get("measured", {}).get("summary", ""),
+                                "results": results.relative_to(ROOT).as_posix()}
         models = [m for m in registry["models"] if m["id"] != student_id]
         at = next(i for i, m in enumerate(models) if m["id"] == card["distillation"]["teacher"])
         registry["models"] = models[:at] + [card] + models[at:]

@@ -10,7 +10,8 @@ resumes and a finished run only re-evaluates what is missing. Steps:
 2. ``meshnet-lesion train`` each variant into ``meshnet_lesion/weights/`` (shipped with the extension
    once its figures are good enough: review before committing).
 3. Put each file's SHA-256 and size into its registry entry (``models.json``).
-4. Evaluate (:func:`meshnet_lesion.evaluation.evaluate`) each variant on the held-out set, on the lesion-free renderings, and
+4. Evaluate (:func:`meshnet_lesion.train.evaluation.evaluate`) each variant on the held-out set, on the lesion-free
+   renderings, and
    on M2265 against the ARC-trained ``t2lesion-meshnet11``; the figures go into the model cards'
    ``metrics`` and ``lab/training/results/synthetic-models.json``, and a table is printed.
 """
@@ -26,9 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "MeshNetLesion"))
 
-from meshnet_lesion import cli, evaluation  # noqa: E402
-from meshnet_lesion.dataset import read_pairs  # noqa: E402
+from meshnet_lesion import cli  # noqa: E402
 from meshnet_lesion.registry import BUILTIN_REGISTRY, MIRROR_ENV, Registry, sha256_of  # noqa: E402
+from meshnet_lesion.train import evaluation  # noqa: E402
+from meshnet_lesion.train.dataset import read_pairs  # noqa: E402
 
 WORK = ROOT / "lab" / "training" / ".work"
 WEIGHTS = BUILTIN_REGISTRY.parent / "weights"
@@ -193,7 +195,7 @@ def main() -> int:
         entry = next(e for e in data["models"] if e["id"] == model_id)
         entry["metrics"] = card_metrics(results)
         _write_registry(data)
-        from meshnet_lesion.training import read_training_record
+        from meshnet_lesion.train.training import read_training_record
 
         record = read_training_record(weights) or {}
         summary[model_id] = {"settings": {**VARIANTS[model_id], "lr": LR, "background_weight": BACKGROUND_WEIGHT,

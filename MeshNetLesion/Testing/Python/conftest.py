@@ -61,7 +61,8 @@ def label_head(sample_paths, shared):
     """t1_crop's brainchop subcortical labels (the peer's own output) and a brain mask grown from them."""
     from scipy import ndimage
 
-    from meshnet_lesion import load_volume, synth
+    from meshnet_lesion import load_volume
+    from meshnet_lesion.train import synth
 
     t1 = load_volume(sample_paths["sample-t1-crop"])
     labels = np.asarray(load_volume(shared / "reference" / "t1_crop.brainchop-0.2.5.subcortical.nii.gz").array)

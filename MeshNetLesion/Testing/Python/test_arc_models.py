@@ -12,12 +12,13 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from meshnet_lesion import ModelError, Registry, Segmenter, Volume, build_meshnet, load_model_files, load_volume, save_volume
+from meshnet_lesion import ModelError, Registry, Segmenter, Volume, load_model_files, load_volume, save_volume
 from meshnet_lesion.conform import reorient, to_source, zoom_to_grid
 from meshnet_lesion.engine import Engine
-from meshnet_lesion.metrics import dice
 from meshnet_lesion.preprocess import brain_percentiles, normalize, standardize
 from meshnet_lesion.spec import InputSpec, ModelSpec, Normalization, Standardization, paper_spec
+from meshnet_lesion.train.metrics import dice
+from meshnet_lesion.train.model import build_meshnet
 from meshnet_lesion.volume import left_right_axis
 
 

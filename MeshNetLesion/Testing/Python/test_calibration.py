@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from meshnet_lesion import build_meshnet, calibration
+from meshnet_lesion import calibration
 from meshnet_lesion.devices import cpu_has_native_bf16
+from meshnet_lesion.train.model import build_meshnet
 
 CPU = torch.device("cpu")
 

@@ -15,10 +15,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from meshnet_lesion import cohort
 from meshnet_lesion.cli import main
 from meshnet_lesion.errors import InputError
 from meshnet_lesion.registry import sha256_of
+from meshnet_lesion.study import cohort
+from meshnet_lesion.study.scans import find_bids, shard_of
 
 # the fastest real lesion model, without the brain mask and the mirrored pass: the study machinery is tested here
 MODEL = ["--model", "t2lesion-meshnet11", "--no-brain-mask", "--no-mirror", "--device", "cpu", "--precision", "fp32"]
@@ -142,7 +143,7 @@ def test_a_killed_run_resumes_where_it_stopped(bids, registry, tmp_path, monkeyp
     from meshnet_lesion import Segmenter, preview
 
     output = tmp_path / "meshnet"
-    scans = cohort.find_bids(bids, output).scans[:2]
+    scans = find_bids(bids, output).scans[:2]
     runner = cohort.Cohort(Segmenter("t2lesion-meshnet11", registry=registry, device="cpu", precision="fp32",
                                      brain_mask=False, mirror=False), output, {"test": 1})
     real_preview = preview.write_preview
@@ -166,16 +167,16 @@ def test_a_killed_run_resumes_where_it_stopped(bids, registry, tmp_path, monkeyp
 
 
 def test_shards_cover_every_scan_exactly_once(bids, tmp_path):
-    scans = cohort.find_bids(bids, tmp_path).scans
+    scans = find_bids(bids, tmp_path).scans
     assert len(scans) == 4 and [s.label for s in scans] == sorted(s.label for s in scans)
-    shards = [cohort.shard_of(scans, f"{i}/3") for i in range(3)]
+    shards = [shard_of(scans, f"{i}/3") for i in range(3)]
     assert sorted(s.label for shard in shards for s in shard) == sorted(s.label for s in scans)
     slurm = {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"}
-    assert cohort.shard_of(scans, None, slurm) == shards[1]
-    assert cohort.shard_of(scans, None, {}) == scans
+    assert shard_of(scans, None, slurm) == shards[1]
+    assert shard_of(scans, None, {}) == scans
     for bad in ("3/3", "1", "-1/2", "a/b"):
         with pytest.raises(InputError, match="--shard"):
-            cohort.shard_of(scans, bad)
+            shard_of(scans, bad)
 
 
 def test_two_shards_on_the_command_line_write_the_whole_study(bids, derivatives, tmp_path):
@@ -187,12 +188,12 @@ def test_two_shards_on_the_command_line_write_the_whole_study(bids, derivatives,
 
 
 def test_filters_and_acquisitions(bids, tmp_path):
-    found = cohort.find_bids(bids, tmp_path, acquisitions=["tse3"])
+    found = find_bids(bids, tmp_path, acquisitions=["tse3"])
     assert [s.label for s in found.scans] == [TSE] and not found.skipped
-    found = cohort.find_bids(bids, tmp_path, participants=["sub-01"], sessions=["1"])
+    found = find_bids(bids, tmp_path, participants=["sub-01"], sessions=["1"])
     assert [s.label for s in found.scans] == [GOOD[0]] and [p.name for p, _ in found.skipped] == [TSE.split("/")[-1]]
     with pytest.raises(InputError, match="not a BIDS dataset"):
-        cohort.find_bids(tmp_path, tmp_path / "out")
+        find_bids(tmp_path, tmp_path / "out")
     assert main(["segment", str(bids), "-o", str(bids / "sub-01"), *MODEL]) == 2   # never into the raw data
 
 

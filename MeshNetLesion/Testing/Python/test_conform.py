@@ -12,7 +12,7 @@ from scipy.spatial.transform import Rotation
 
 from meshnet_lesion import InputError, Volume, load_volume, save_volume
 from meshnet_lesion.conform import LIA_DIRECTIONS, conform, to_source
-from meshnet_lesion.metrics import dice
+from meshnet_lesion.train.metrics import dice
 
 
 def _niimath(path, tmp_path):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from meshnet_lesion.dataset import IGNORE
-from meshnet_lesion.distill import (
+from meshnet_lesion.train.dataset import IGNORE
+from meshnet_lesion.train.distill import (
     DistillConfig,
     TeacherCache,
     TeacherView,
@@ -26,7 +26,7 @@ from meshnet_lesion.distill import (
     student,
     teacher_logit,
 )
-from meshnet_lesion.training import TrainConfig
+from meshnet_lesion.train.training import TrainConfig
 
 
 def _by_hand(student, teacher_p, target, t, weight, background_weight, smoothing):
@@ -157,7 +157,7 @@ def test_a_state_saved_before_a_setting_existed_continues_with_its_old_value(tmp
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from meshnet_lesion.distill import ADDED_SETTINGS, STATE_METADATA_KEY
+    from meshnet_lesion.train.distill import ADDED_SETTINGS, STATE_METADATA_KEY
 
     config = DistillConfig(train=TrainConfig(channels=3, lr=1e-2, mixed_precision=False), steps=4, save_every=2)
     path = tmp_path / "old.state"
@@ -217,7 +217,7 @@ def test_painted_samples_carry_ground_truth_there_and_the_teacher_elsewhere(shar
     IGNORE over the view's own lesion; the teacher's target is raised to the painted lesion. Samples are
     the same for the same step, and the student's input stays in the normalised range."""
     from meshnet_lesion.preprocess import head_box
-    from meshnet_lesion.synth import split_lesions
+    from meshnet_lesion.train.synth import split_lesions
 
     i, j, k = np.ogrid[:256, :256, :256]
     radius = ((i - 128) / 70.0) ** 2 + ((j - 128) / 85.0) ** 2 + ((k - 128) / 70.0) ** 2
@@ -248,8 +248,8 @@ def test_painted_samples_carry_ground_truth_there_and_the_teacher_elsewhere(shar
 def tiny_teacher(tmp_path, monkeypatch):
     """A registry model without a brain mask (imported into a cache of this test's own), as a Segmenter."""
     from meshnet_lesion import Segmenter
-    from meshnet_lesion.model import build_meshnet
     from meshnet_lesion.registry import Registry
+    from meshnet_lesion.train.model import build_meshnet
 
     monkeypatch.setenv("MESHNET_LESION_CACHE", str(tmp_path / "cache"))   # its imports stay out of other tests
     folder = tmp_path / "teacher"
@@ -265,7 +265,7 @@ def test_a_rendering_is_the_teachers_input_with_its_own_truth_and_is_cached(shar
     """A label-head rendering with a real SOOP lesion, on the teacher's grid (RAS-ordered t1_crop becomes the
     conformed grid): the truth keeps the painted lesion's size and lies on its hyperintense voxels; the
     soft target is the truth; a second call reads the view back; samples of it carry the truth."""
-    from meshnet_lesion import synth
+    from meshnet_lesion.train import synth
 
     flipped = np.diag([-1.0, 1.0, 1.0, 1.0]) @ label_head.affine      # another orientation: conform must turn it
     head = replace(label_head, affine=flipped)
@@ -351,14 +351,14 @@ def test_a_tiled_students_tiles_are_its_training_crop(registry):
     distilled on, as their own metadata records it."""
     from safetensors import safe_open
 
-    tiled = [e for e in registry.entries() if "distillation" in e.card and "tile" in e.card.get("inference", {})]
+    tiled = [e for e in registry.entries() if "distillation" in e.card and e.runtime.tile is not None]
     assert tiled, "no shipped student runs on tiles"
     for entry in tiled:
         path = entry.files[0].bundled
         with safe_open(str(path), framework="numpy") as handle:
             run = json.loads(handle.metadata()["meshnet_distillation"])
         first = (run.get("initial") or {}).get("run") or run
-        assert entry.card["inference"]["tile"] == first["crop"] == entry.card["distillation"]["crop"]
+        assert entry.runtime.tile == first["crop"] == entry.card["distillation"]["crop"]
 
 
 # Each shipped student's least Dice against its teacher on M2265. MeshNet-5: its bar, 0.75 (the suite measured
@@ -372,7 +372,7 @@ SHIPPED = {"meshnet5-arc26": 0.75, "meshnet16-arc26": 0.86}
 def test_a_shipped_student_finds_its_teachers_lesion_on_m2265(registry, arc_volume, arc_result, student_id, least):
     """A bundled student, run as users run it, against its teacher (the default model) on the real ARC scan."""
     from meshnet_lesion import Segmenter
-    from meshnet_lesion.metrics import dice
+    from meshnet_lesion.train.metrics import dice
 
     entry = registry.get(student_id)
     assert entry.card["distillation"]["teacher"] == arc_result.model_id
@@ -385,7 +385,8 @@ def test_a_shipped_student_finds_its_teachers_lesion_on_m2265(registry, arc_volu
 @pytest.mark.parametrize("student_id", SHIPPED)
 def test_a_shipped_student_finds_no_lesion_on_the_mirrored_healthy_hemisphere(registry, arc_volume, student_id):
     """M2265 with its lesioned hemisphere replaced by the mirrored healthy one: the issue's bar, at most 1 mL."""
-    from meshnet_lesion import Segmenter, perturb
+    from meshnet_lesion import Segmenter
+    from meshnet_lesion.train import perturb
 
     healthy = perturb.mirrored_healthy_hemisphere(arc_volume, "L")
     result = Segmenter(student_id, registry=registry, device="cpu").segment(healthy)
@@ -397,8 +398,9 @@ def test_the_tiled_student_keeps_its_lesion_when_the_brain_mask_moves(registry, 
     """Gamma 0.7 moves the edge of M2265's brain mask, and so the box the network runs on, by a voxel: tiles
     laid from the box's corner lost 1 % of the lesion (Dice 0.988), tiles on the grid's lattice keep it
     (0.998 in the suite; the teacher 0.997)."""
-    from meshnet_lesion import Segmenter, perturb
-    from meshnet_lesion.metrics import dice
+    from meshnet_lesion import Segmenter
+    from meshnet_lesion.train import perturb
+    from meshnet_lesion.train.metrics import dice
 
     segmenter = Segmenter("meshnet16-arc26", registry=registry, device="cpu")
     assert segmenter.tile == 96

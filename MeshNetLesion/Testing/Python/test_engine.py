@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from meshnet_lesion import Cancelled, DeviceError, build_meshnet
+from meshnet_lesion import Cancelled, DeviceError
 from meshnet_lesion import engine as engine_module
 from meshnet_lesion.devices import available_devices, cpu_has_native_bf16, resolve_device
 from meshnet_lesion.engine import Engine
-from meshnet_lesion.model import MeshNet
 from meshnet_lesion.spec import LayerSpec, ModelSpec
+from meshnet_lesion.train.model import MeshNet, build_meshnet
 
 
 def _random_batchnorm(model: MeshNet, seed: int) -> MeshNet:

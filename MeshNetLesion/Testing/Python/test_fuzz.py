@@ -25,8 +25,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshnet_lesion import MeshNetLesionError, build_meshnet, load_model_files, load_volume
+from meshnet_lesion import MeshNetLesionError, load_model_files, load_volume
 from meshnet_lesion.formats.meshnet import SPEC_METADATA_KEY
+from meshnet_lesion.train.model import build_meshnet
 
 EXAMPLES = int(os.environ.get("MESHNET_FUZZ_EXAMPLES", "40"))
 LONG_RUN = EXAMPLES > 1000

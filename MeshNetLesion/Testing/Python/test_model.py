@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from meshnet_lesion import MeshNet, ModelError, build_meshnet, load_model_files
+from meshnet_lesion import ModelError, load_model_files
 from meshnet_lesion.spec import LayerSpec, ModelSpec, paper_spec
+from meshnet_lesion.train.model import MeshNet, build_meshnet
 
 
 class _Payload:

@@ -9,9 +9,10 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from meshnet_lesion import Cancelled, Segmenter, Volume, load_volume, perturb
-from meshnet_lesion.metrics import dice
+from meshnet_lesion import Cancelled, Segmenter, Volume, load_volume
 from meshnet_lesion.postprocess import component_sizes, remove_small_components
+from meshnet_lesion.train import perturb
+from meshnet_lesion.train.metrics import dice
 
 pytestmark = pytest.mark.slow
 

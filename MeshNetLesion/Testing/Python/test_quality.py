@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from meshnet_lesion import perturb
-from meshnet_lesion.metrics import dice
+from meshnet_lesion.train import perturb
+from meshnet_lesion.train.metrics import dice
 
 pytestmark = pytest.mark.slow
 

@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from meshnet_lesion import IntegrityError, ModelError, UnknownModelError
 from meshnet_lesion.registry import BUILTIN_REGISTRY, Registry, sha256_of
@@ -64,13 +65,18 @@ def test_builtin_entries_and_cards(registry):
     default = registry.default_model().card
     assert default["metrics"] and default["measured"]          # published held-out Dice, and our suite's figures
     for entry in registry.entries("model"):
-        for key in ("task", "license", "citation", "training_data", "metrics", "postprocess"):
+        for key in ("task", "license", "citation", "training_data", "metrics"):
             assert key in entry.card, (entry.id, key)
-        assert ("spec" in entry.card) != bool(entry.member_ids), entry.id   # an ensemble's spec is its members'
+        assert "postprocess" in entry.runtime.as_record()
+        assert bool(entry.runtime.spec) != bool(entry.runtime.members), entry.id   # an ensemble's spec is its members'
         for metric in entry.card["metrics"]:                  # published evaluations name where they were published
             assert metric["source"], (entry.id, metric)
-        for figure in entry.card.get("measured", []):         # our own figures name the command that measured them
-            assert "lab/benchmarks/quality.py" in figure["source"], (entry.id, figure)
+        measured = entry.card.get("measured")
+        if measured:                                          # our own figures: a line, and the result file they are in
+            assert measured["summary"] and (REPO / measured["results"]).is_file(), (entry.id, measured)
+            figures = json.loads((REPO / measured["results"]).read_text())["figures"]
+            for figure in figures:                            # each names the command that measured it
+                assert "lab/benchmarks/quality.py" in figure["source"], (entry.id, figure)
         assert registry.is_available(entry), entry.id
         for file in entry.files:
             if file.bundled is not None:       # shipped with the extension
@@ -213,3 +219,22 @@ def test_clear_cache_keeps_imports(tmp_path, http_folder, registry):
 def test_registry_file_is_versioned():
     data = json.loads(BUILTIN_REGISTRY.read_text())
     assert data["schema_version"] == 1 and data["registry_version"]
+
+
+def test_models_json_follows_its_schema_and_the_schema_refuses_what_the_registry_cannot_run():
+    import copy
+
+    import jsonschema
+
+    schema = json.loads((BUILTIN_REGISTRY.parent / "models.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    data = json.loads(BUILTIN_REGISTRY.read_text())
+    jsonschema.validate(data, schema)
+    for damage in (lambda d: d["models"][0]["files"][0].update(sha256="0" * 63),         # not a SHA-256
+                   lambda d: d["models"][0].setdefault("inference", {}).update(tile=8),  # too small a tile
+                   lambda d: d["models"][0].update(measured=[{"name": "x", "value": "1", "source": "s"}]),  # old form
+                   lambda d: d["models"][0].pop("license")):
+        damaged = copy.deepcopy(data)
+        damage(damaged)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(damaged, schema)

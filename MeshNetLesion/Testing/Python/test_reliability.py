@@ -20,9 +20,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from meshnet_lesion import ModelError, Registry, Segmenter, Volume, build_meshnet, load_volume, save_volume
+from meshnet_lesion import ModelError, Registry, Segmenter, Volume, load_volume, save_volume
 from meshnet_lesion import cli as cli_module
+from meshnet_lesion.cli import segment as segment_command
 from meshnet_lesion.outputs import OutputSet, remove_leftovers
+from meshnet_lesion.train.model import build_meshnet
 
 CLI = [sys.executable, "-m", "meshnet_lesion.cli"]
 FAST = ["--model", "t2lesion-meshnet11", "--device", "cpu", "--no-brain-mask"]
@@ -76,7 +78,7 @@ def test_a_failed_later_write_keeps_the_earlier_result(scan, tmp_path, registry,
         Path(path).write_text("{\"half\": ")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cli_module, "_write_json", full_disk)
+    monkeypatch.setattr(segment_command, "write_json", full_disk)
     code = cli_module.main(["segment", str(scan), "-o", str(earlier), "--report", str(out / "r.json"), *FAST])
     assert code == 2 and "No space left on device" in capsys.readouterr().err
     assert earlier.read_bytes() == before and not (out / "r.json").exists() and _no_partials(out)

@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meshnet_lesion import cohort, save_volume
+from meshnet_lesion import save_volume
 from meshnet_lesion.errors import InputError, OutputError
 from meshnet_lesion.outputs import partial_path, publish
+from meshnet_lesion.study import cohort
+from meshnet_lesion.study.scans import find_bids, read_manifest
 
 CLI = [sys.executable, "-m", "meshnet_lesion.cli"]
 FAST = ["--model", "t2lesion-meshnet11", "--device", "cpu", "--no-brain-mask", "--no-mirror"]
@@ -290,13 +292,14 @@ def test_sigterm_while_writing_leaves_no_partial_file(scan, tmp_path):
     code = textwrap.dedent("""
         import sys, time
         from meshnet_lesion import cli
+        from meshnet_lesion.cli import segment
 
-        real = cli._write_json
+        real = segment.write_json
         def slow(path, data):   # a slow disk: the report's partial file exists for a while
             open(path, "w").write("{")
             time.sleep(30)
             return real(path, data)
-        cli._write_json = slow
+        segment.write_json = slow
         sys.exit(cli.main(sys.argv[1:]))
     """)
     process = subprocess.Popen([sys.executable, "-c", code, "segment", str(scan), "-o", str(tmp_path / "x.nii.gz"),
@@ -326,7 +329,7 @@ def test_a_scan_another_live_run_holds_is_passed_over_and_a_dead_runs_lock_is_ta
     (bids / "sub-01" / "anat").mkdir(parents=True)
     _scan(bids / "sub-01" / "anat" / "sub-01_T2w.nii.gz")
     output = tmp_path / "deriv"
-    (scan,) = cohort.find_bids(bids, output).scans
+    (scan,) = find_bids(bids, output).scans
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         with cohort.scan_lock(scan) as first:          # this process holds it: a second holder is refused
@@ -349,6 +352,6 @@ def test_a_scan_another_live_run_holds_is_passed_over_and_a_dead_runs_lock_is_ta
 def test_check_outputs_is_the_study_modes_gate(tmp_path):
     """The same check the command line calls, for any front end running a Cohort."""
     _scan(tmp_path / "a.nii.gz")
-    found = cohort.read_manifest(_manifest(tmp_path / "m.csv", [("a.nii.gz", "a.nii.gz")]))
+    found = read_manifest(_manifest(tmp_path / "m.csv", [("a.nii.gz", "a.nii.gz")]))
     with pytest.raises(InputError, match="is the input of scan 1"):
         cohort.check_outputs(found.scans, probseg=False)

@@ -21,8 +21,8 @@ import vtk  # noqa: E402
 from headless_slicer import App  # noqa: E402
 
 from meshnet_lesion import InputError, save_volume  # noqa: E402
-from meshnet_lesion.metrics import dice  # noqa: E402
 from meshnet_lesion.postprocess import component_sizes  # noqa: E402
+from meshnet_lesion.train.metrics import dice  # noqa: E402
 from MeshNetLesionLib.logic import MeshNetLesionLogic  # noqa: E402
 from MeshNetLesionLib.mrml import LESION_SEGMENT_NAME, LESION_TERMINOLOGY, SEGMENT_TAG, TERMINOLOGY_CONTEXT  # noqa: E402
 
@@ -384,14 +384,17 @@ def test_volume_under_a_linear_transform_is_segmented_in_world_space(app, logic,
     assert np.array_equal(exported > 0, native > 0)
 
 
-def test_run_options_are_frozen_and_reach_the_child_with_this_logics_registry(logic, registry):
+def test_the_request_is_frozen_and_reaches_the_child_with_this_logics_registry(logic, registry, tmp_path):
     import dataclasses
 
-    from MeshNetLesionLib.job import RunOptions
+    from meshnet_lesion.request import SegmentationRequest
 
-    options = RunOptions("t2lesion-meshnet11", device="cpu", brainMask=False)
+    request = SegmentationRequest("t2lesion-meshnet11", device="cpu", brain_mask=False)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        options.device = "cuda"
+        request.device = "cuda"
+    assert SegmentationRequest.from_json(request.to_json()) == request
+    with pytest.raises(InputError, match="unknown fields"):
+        SegmentationRequest.from_json({**request.to_json(), "modelId": "x"})
     launch = logic.launch()
     assert launch.python == sys.executable  # headless: this interpreter; in Slicer: PythonSlicer
     assert launch.registry == registry.settings()
@@ -546,11 +549,11 @@ def test_damaged_download_is_reported_on_the_card_not_deleted(tmp_path, registry
     local = Registry(cache_dir=tmp_path / "cache", mirror="")
     entry = local.get("t2lesion-meshnet11")
     for file in entry.files:  # a downloaded copy, then damaged
-        target = local._cached_path(entry, file)
+        target = local.store.cached_path(entry, file)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(registry.fetch_all("t2lesion-meshnet11")[[f.name for f in entry.files].index(file.name)]
                            .read_bytes())
-    damaged = local._cached_path(entry, entry.files[0])
+    damaged = local.store.cached_path(entry, entry.files[0])
     damaged.write_bytes(b"damaged")
     card = MeshNetLesionLogic(registry=local).modelCard("t2lesion-meshnet11")
     assert card["damaged"] == [entry.files[0].name] and not card["available"]

@@ -129,12 +129,12 @@ def test_an_out_of_memory_kill_of_the_worker_is_reported_as_such(app, logic, sca
 def test_the_worker_ends_when_its_parent_dies(tmp_path, launcher_path, registry, arc_volume):
     """Slicer killed or crashed mid-run: the pipe to the worker's stdin closes and the worker exits by itself."""
     from meshnet_lesion import worker
+    from meshnet_lesion.request import SegmentationRequest
 
     request = tmp_path / "request"
     request.mkdir()
-    worker.write_request(request, arc_volume, {"model": FAST["modelId"], "device": "cpu", "precision": "auto",
-                                               "brain_mask": False, "min_lesion_ml": 0.0, "probabilities": False,
-                                               "registry": registry.settings()})
+    wanted = SegmentationRequest(FAST["modelId"], device="cpu", brain_mask=False)
+    worker.write_request(request, arc_volume, {"request": wanted.to_json(), "registry": registry.settings()})
     parent = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(MODULE_DIR)!r})

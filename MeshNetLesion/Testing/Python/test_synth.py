@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from meshnet_lesion import load_volume, synth
-from meshnet_lesion.dataset import IGNORE, load_training_pair, read_pairs
+from meshnet_lesion import load_volume
+from meshnet_lesion.train import synth
+from meshnet_lesion.train.dataset import IGNORE, load_training_pair, read_pairs
 
 
 @pytest.fixture(scope="module")

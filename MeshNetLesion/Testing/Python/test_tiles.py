@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from meshnet_lesion import Cancelled, ModelError, Segmenter, build_meshnet, load_volume
+from meshnet_lesion import Cancelled, ModelError, Segmenter, load_volume
 from meshnet_lesion.engine import Engine
 from meshnet_lesion.registry import Registry
 from meshnet_lesion.tiles import axis_tiles, run_tiled
+from meshnet_lesion.train.model import build_meshnet
 
 
 def _tiny(seed: int = 4):
@@ -97,8 +98,7 @@ def test_a_model_card_asks_for_tiles(tmp_path, monkeypatch):
     folder.mkdir()
     _tiny().save(folder / "model.safetensors")
     registry = Registry()
-    for entry_id, inference in (("whole", {}), ("tiled", {"tile": 24}), ("both", {"tile": 24, "mirror": True}),
-                                ("bad", {"tile": 3})):
+    for entry_id, inference in (("whole", {}), ("tiled", {"tile": 24}), ("both", {"tile": 24, "mirror": True})):
         registry.import_folder(folder, entry_id, card={"postprocess": {"brain_mask": False}, "inference": inference})
     image = tmp_path / "head.nii.gz"
     head = np.zeros((40, 40, 40), np.float32)
@@ -114,5 +114,6 @@ def test_a_model_card_asks_for_tiles(tmp_path, monkeypatch):
     # the mirrored pass goes through the tiles too: its lesion probability is the larger of both tiled passes
     more = results["both"].probabilities[1] - results["tiled"].probabilities[1]
     assert more.min() >= -1e-6 and more.max() > 0.01
-    with pytest.raises(ModelError, match="tile edge"):
-        Segmenter("bad", registry=registry, device="cpu")
+    with pytest.raises(ModelError, match="tile edge"):   # refused as the card is read: here, before anything is copied
+        registry.import_folder(folder, "bad", card={"postprocess": {"brain_mask": False}, "inference": {"tile": 3}})
+    assert "bad" not in {entry.id for entry in registry.entries()} and not registry.damaged_imports()

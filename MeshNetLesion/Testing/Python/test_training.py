@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from meshnet_lesion import MeshNet
-from meshnet_lesion.metrics import average_volume_difference, compare_models, dice, holm, matthews, volume_difference_ml
-from meshnet_lesion.training import (
+from meshnet_lesion.train.metrics import average_volume_difference, compare_models, dice, holm, matthews, volume_difference_ml
+from meshnet_lesion.train.model import MeshNet
+from meshnet_lesion.train.training import (
     TrainConfig,
     make_loss,
     make_optimizer,
@@ -110,7 +110,7 @@ def test_two_epochs_on_tiny_volumes_lower_the_loss_and_validate_with_the_engine(
 def test_hyperparameter_search_samples_the_paper_space_prunes_by_epochs_and_resumes(tmp_path):
     import optuna
 
-    from meshnet_lesion.training import SEARCH_SPACE, tune
+    from meshnet_lesion.train.training import SEARCH_SPACE, tune
 
     data = [_blobs(i, size=16) for i in range(3)]
     base = TrainConfig(mixed_precision=False, device="cpu")
@@ -199,7 +199,7 @@ def test_evaluate_scores_each_pair_on_its_own_grid(tmp_path, registry):
 
     from meshnet_lesion import Segmenter, load_volume
     from meshnet_lesion.cli import main
-    from meshnet_lesion.metrics import scores
+    from meshnet_lesion.train.metrics import scores
 
     pairs = _write_pairs(tmp_path, [1, 2])
     assert main(["evaluate", str(pairs), "--model", "t2lesion-meshnet11", "--no-brain-mask", "--device", "cpu",
@@ -219,8 +219,8 @@ def test_evaluate_leaves_voxels_marked_ignore_out_of_the_scores(tmp_path, regist
 
     from meshnet_lesion import Segmenter, load_volume, save_volume
     from meshnet_lesion.cli import main
-    from meshnet_lesion.dataset import IGNORE
-    from meshnet_lesion.metrics import scores
+    from meshnet_lesion.train.dataset import IGNORE
+    from meshnet_lesion.train.metrics import scores
 
     pairs = _write_pairs(tmp_path, [5])
     mask = np.asarray(load_volume(tmp_path / "s5_mask.nii.gz").array).copy()
@@ -246,7 +246,7 @@ def _touch_nifti(path, value: int = 1):
 
 def test_bids_discovery_keeps_space_t2w_with_masks_and_drops_turbo_spin_echo(tmp_path):
     from meshnet_lesion import InputError
-    from meshnet_lesion.dataset import read_bids, read_pairs_or_bids
+    from meshnet_lesion.train.dataset import read_bids, read_pairs_or_bids
 
     anat = "{s}/ses-1/anat/{s}_ses-1_acq-{a}_run-1_T2w.nii.gz"
     lesion = "derivatives/lesion_masks/{s}/ses-1/anat/{s}_ses-1_acq-{a}_run-1_T2w_desc-lesion_mask.nii.gz"

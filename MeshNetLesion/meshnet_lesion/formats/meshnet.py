@@ -1,6 +1,6 @@
 """Our own format: one ``.safetensors`` file holding a MeshNet's weights, its spec in the metadata.
 
-Tensor names are those of :class:`~meshnet_lesion.model.MeshNet`'s state dict
+Tensor names are those of :class:`~meshnet_lesion.train.model.MeshNet`'s state dict
 (``layers.{i}.conv.weight``, ``layers.{i}.norm.running_mean``, …); extra string metadata (the
 training record) may sit beside the spec.
 """

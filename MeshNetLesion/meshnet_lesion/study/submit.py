@@ -19,7 +19,7 @@ def submit_array(command: Callable[[Sequence[str]], int], argv: list[str], tasks
     try:
         import submitit
     except ImportError as error:
-        from .errors import InputError
+        from ..errors import InputError
 
         raise InputError("submit needs submitit: pip install 'meshnet-lesion[cluster]'") from error
     executor = submitit.AutoExecutor(folder=Path(folder) / "%j", cluster="local" if local else "slurm")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .conform import conform, to_conformed
-from .errors import InputError
-from .spec import Normalization
-from .volume import Volume, load_volume
+from ..conform import conform, to_conformed
+from ..errors import InputError
+from ..spec import Normalization
+from ..volume import Volume, load_volume
 
 
 def read_pairs(path: str | Path) -> list[tuple[Path, Path]]:
@@ -101,7 +101,7 @@ def mask_on_source(mask: Volume, image: Volume, name: str = "mask") -> np.ndarra
 
 def load_training_pair(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(normalised conformed image float32, conformed mask uint8 with 0/1/IGNORE), both 256³, as the engine sees them."""
-    from .preprocess import normalize
+    from ..preprocess import normalize
 
     image = load_volume(image_path)
     mask = mask_on_source(load_volume(mask_path), image, str(mask_path))
@@ -126,3 +126,11 @@ def random_crops(samples: Sequence[tuple[np.ndarray, np.ndarray]], size: int | N
         lo = np.clip(centre - size // 2, 0, np.array(image.shape) - size)
         box = tuple(slice(int(a), int(a) + size) for a in lo)
         yield image[box], mask[box]
+
+
+def epoch_data(pairs: Path, validation: Path | None, crop: int | None, seed: int, lesion_crops: float):
+    """What ``train`` and ``tune`` learn from: (the samples of an epoch as a function of the epoch, samples per
+    epoch, validation samples), from CSV or BIDS ``pairs`` and ``validation``."""
+    samples = [load_training_pair(*pair) for pair in read_pairs_or_bids(pairs)]
+    checks = [load_training_pair(*pair) for pair in read_pairs_or_bids(validation)] if validation else []
+    return (lambda epoch: random_crops(samples, crop, seed * 100_003 + epoch, lesion_crops), len(samples), checks)

@@ -38,9 +38,9 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from .conform import SHAPE
+from ..conform import SHAPE
+from ..volume import Volume, load_volume, save_volume
 from .dataset import IGNORE
-from .volume import Volume, load_volume, save_volume
 
 # Our tissue classes, and the brainchop subcortical labels (FreeSurfer names) that map onto them.
 BACKGROUND, CSF, CORTEX, WHITE, DEEP_GREY, PALLIDUM, CEREBELLUM_GREY, CEREBELLUM_WHITE, STEM, LIMBIC = range(10)
@@ -97,7 +97,7 @@ def real_head(t2: Volume, brain: np.ndarray, own_lesion: np.ndarray, name: str =
 
 def build_label_head(t1_path: Path, registry=None, device: str = "auto") -> Head:
     """Run brainchop's subcortical and brain-extraction models on a conformed T1w scan."""
-    from .pipeline import Segmenter
+    from ..pipeline import Segmenter
 
     t1 = _conformed_volume(t1_path)
     subcortical = Segmenter("brainchop-subcortical", registry=registry, device=device, brain_mask=False)
@@ -107,7 +107,7 @@ def build_label_head(t1_path: Path, registry=None, device: str = "auto") -> Head
 
 def build_real_head(t2_path: Path, registry=None, device: str = "auto", lesion_model: str | None = None) -> Head:
     """A real T2w head whose own lesion is found by ``lesion_model`` (the registry's default lesion model)."""
-    from .pipeline import Segmenter
+    from ..pipeline import Segmenter
 
     t2 = _conformed_volume(t2_path)
     result = Segmenter(lesion_model, registry=registry, device=device).segment(t2)
@@ -115,7 +115,7 @@ def build_real_head(t2_path: Path, registry=None, device: str = "auto", lesion_m
 
 
 def _conformed_volume(path: Path) -> Volume:
-    from .conform import conform
+    from ..conform import conform
 
     conformed = conform(load_volume(path))
     return Volume(conformed.array, conformed.affine)

@@ -77,7 +77,7 @@ def autocast(device: torch.device, enabled: bool):
         return torch.autocast(device.type, enabled=False)
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
-    from .devices import cpu_has_native_bf16
+    from ..devices import cpu_has_native_bf16
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cpu" and cpu_has_native_bf16())
 
 
@@ -86,7 +86,7 @@ Sample = tuple[np.ndarray, np.ndarray]    # normalised image (D, H, W) float32, 
 
 def validation_dice(model: MeshNet, samples: Sequence[Sample], device: str = "cpu") -> float:
     """Mean Dice of the model's lesion labels over ``samples``, computed with the inference engine."""
-    from .engine import Engine
+    from ..engine import Engine
     from .metrics import dice
 
     engine = Engine(model.to_loaded(), device, "fp32" if device == "cpu" else "auto")
@@ -104,7 +104,7 @@ def train(samples: Callable[[int], Iterable[Sample]], steps_per_epoch: int, conf
     history)`` runs after each epoch's validation (a hyperparameter search reports there, and may
     raise to stop the run).
     """
-    from .devices import resolve_device
+    from ..devices import resolve_device
 
     device = resolve_device(config.device)
     rank, world, owns_group = _join_process_group(device)

@@ -13,11 +13,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..pipeline import Segmenter
+from ..registry import Registry
+from ..volume import load_volume
 from .dataset import IGNORE, mask_on_source
 from .metrics import compare_models, scores
-from .pipeline import Segmenter
-from .registry import Registry
-from .volume import load_volume
 
 SUMMARY_KEYS = ("dice", "avd", "mcc", "predicted_ml", "true_ml")
 

@@ -7,9 +7,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
+from ..outputs import atomic_file
 from .cohort import PIPELINE_NAME, damaged_outputs
-from .errors import InputError
-from .outputs import atomic_file
 
 COLUMNS = ("participant", "session", "lesion_ml", "components", "hemisphere", "brain_ml", "model", "status",
            "seconds", "input", "output")

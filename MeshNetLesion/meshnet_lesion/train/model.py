@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ModelError
-from .formats import meshnet as meshnet_format
-from .spec import LayerParams, LayerSpec, LoadedModel, ModelSpec, paper_spec
+from ..errors import ModelError
+from ..formats import meshnet as meshnet_format
+from ..spec import LayerParams, LayerSpec, LoadedModel, ModelSpec, paper_spec
 
 
 class MeshNetBlock(nn.Module):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .volume import Volume, left_right_axis
+from ..volume import Volume, left_right_axis
 
 
 def skull_stripped(volume: Volume, brain: np.ndarray, margin: int = 8) -> Volume:
